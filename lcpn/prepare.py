@@ -1,0 +1,205 @@
+"""The ``prepare`` stage: check every image, split once, write per-node manifests.
+
+Output (``split_datasets/`` by default)::
+
+    hierarchy.json       the tree, node -> folder map, and how the split was made
+    summary.json         counts, excluded files with reasons, duplicate groups, small leaves
+    images.csv           every kept image: path, sha256, leaf, split
+    test.csv             the global end-to-end test set: path, sha256, label_path
+    <node folder>/train.csv, val.csv   per parent node: path, sha256, label (child class name)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import __version__, fsio
+from .hierarchy import Hierarchy, names_of
+from .images import check_image
+from .sources import Excluded, LabelledImage
+from .split import TEST, TRAIN, VAL, Image, SplitResult, make_split
+
+log = logging.getLogger(__name__)
+
+MANIFEST_HEADER = ("path", "sha256", "label")
+TEST_HEADER = ("path", "sha256", "label_path")
+
+
+@dataclass
+class PrepareResult:
+    split: SplitResult
+    excluded: list[Excluded]
+    summary: dict
+
+
+def inspect(items: list[LabelledImage], workers: int | None = None) -> tuple[list[Image], list[Excluded]]:
+    """Decode and hash every file in parallel threads (PIL and hashlib release the GIL)."""
+
+    def one(item: LabelledImage) -> Image | Excluded:
+        reason = check_image(item.path)
+        if reason:
+            return Excluded(item.path, reason)
+        digest = hashlib.sha256(Path(item.path).read_bytes()).hexdigest()
+        return Image(item.path, item.leaf, digest)
+
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    good: list[Image] = []
+    bad: list[Excluded] = []
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(one, items)
+        for r in tqdm(results, total=len(items), desc="checking images", unit="img", leave=False):
+            (good if isinstance(r, Image) else bad).append(r)
+    return good, bad
+
+
+def prepare(
+    items: list[LabelledImage],
+    excluded: list[Excluded],
+    out: str | Path,
+    source: str,
+    val: float = 0.2,
+    test: float = 0.1,
+    seed: int = 0,
+    min_images: int = 0,
+    materialize: str | None = None,
+) -> PrepareResult:
+    """Check, split and write; ``excluded`` holds what the source scan already left out."""
+    images, bad = inspect(items)
+    excluded = sorted([*excluded, *bad], key=lambda e: e.path)
+    if not images:
+        raise ValueError("no readable images were found")
+    result = make_split(images, val=val, test=test, seed=seed, min_images=min_images)
+    tree = result.hierarchy
+    if len(tree.leaves) < 2:
+        only = tree.leaves[0] if tree.leaves else "none"
+        raise ValueError(f"a classifier needs at least two classes, but the data has one ({only})")
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"source": source, "val": val, "test": test, "seed": seed, "min_images": min_images}
+    fsio.write_json(out / "hierarchy.json", {**tree.to_dict(), "split": settings, "lcpn_version": __version__})
+    fsio.write_csv(
+        out / "images.csv",
+        ("path", "sha256", "leaf", "split"),
+        ((im.path, im.sha256, im.leaf, result.split_of(im)) for im in result.images),
+    )
+    fsio.write_csv(
+        out / "test.csv",
+        TEST_HEADER,
+        ((im.path, im.sha256, im.leaf) for im in result.images if result.split_of(im) == TEST),
+    )
+    node_counts = {}
+    for node in tree.parents:
+        folder = out / tree.folders[node]
+        counts = {}
+        for split in (TRAIN, VAL):
+            view = result.node_view(node, split)
+            rows = [(im.path, im.sha256, names_of(child)[-1]) for im, child in view]
+            fsio.write_csv(folder / f"{split}.csv", MANIFEST_HEADER, rows)
+            counts[split] = dict(sorted(Counter(r[2] for r in rows).items()))
+            if materialize:
+                _materialize(folder / split, rows, materialize)
+        node_counts[node or "(root)"] = counts
+
+    summary = _summary(result, excluded, node_counts, settings)
+    fsio.write_json(out / "summary.json", summary)
+    return PrepareResult(split=result, excluded=excluded, summary=summary)
+
+
+def _materialize(target: Path, rows: list[tuple[str, str, str]], how: str) -> None:
+    """Lay a manifest out as ``<target>/<class>/<file>`` (symlinks or copies); rebuilt each run."""
+    if target.exists():
+        shutil.rmtree(target)
+    for i, (path, _, label) in enumerate(rows):
+        dest = target / label / f"{i:06d}_{Path(path).name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if how == "symlink":
+            dest.symlink_to(path)
+        else:
+            shutil.copy2(path, dest)
+
+
+def _summary(result: SplitResult, excluded: list[Excluded], node_counts: dict, settings: dict) -> dict:
+    tree = result.hierarchy
+    per_split = Counter(result.assignment.values())
+    return {
+        "settings": settings,
+        "images": {"kept": len(result.images), "excluded": len(excluded), **{
+            s: per_split.get(s, 0) for s in (TRAIN, VAL, TEST)
+        }},
+        "tree": {
+            "depth": tree.max_depth,
+            "leaves": len(tree.leaves),
+            "parents": len(tree.parents),
+            "trainable_nodes": len(tree.trainable),
+            "constant_nodes": [n for n in tree.parents if len(tree.children[n]) == 1],
+        },
+        "nodes": node_counts,
+        "excluded": [{"path": e.path, "reason": e.reason} for e in excluded],
+        "too_small_to_split": result.too_small,
+        "dropped_by_min_images": result.dropped,
+        "duplicate_groups": result.duplicate_groups,
+        "conflicting_duplicates": result.conflicting_duplicates,
+    }
+
+
+def format_summary(summary: dict, tree: Hierarchy, out: Path, show: int = 10) -> str:
+    """The human-readable account of a prepare run."""
+    im, t = summary["images"], summary["tree"]
+    lines = [
+        f"Split written to {out}",
+        f"  images: {im['kept']} kept ({im['train']} train, {im['val']} val, {im['test']} test), "
+        f"{im['excluded']} excluded",
+        f"  tree: depth {t['depth']}, {t['leaves']} leaves, {t['parents']} parent nodes "
+        f"({t['trainable_nodes']} to train, {len(t['constant_nodes'])} with a single child)",
+        "",
+        f"  {'node':<40} {'children':>8} {'train':>7} {'val':>6}",
+    ]
+    for node in tree.parents:
+        c = summary["nodes"][node or "(root)"]
+        lines.append(
+            f"  {(node or '(root)')[:40]:<40} {len(tree.children[node]):>8} "
+            f"{sum(c['train'].values()):>7} {sum(c['val'].values()):>6}"
+        )
+    lines.append(f"  {'test (end to end)':<40} {'':>8} {'':>7} {im['test']:>6}")
+
+    def listing(title: str, entries: list[str]) -> None:
+        if not entries:
+            return
+        lines.extend(["", f"{title}: {len(entries)}"])
+        lines.extend(f"  {e}" for e in entries[:show])
+        if len(entries) > show:
+            lines.append(f"  ... and {len(entries) - show} more (see summary.json)")
+
+    listing("Excluded files", [f"{e['path']}: {e['reason']}" for e in summary["excluded"]])
+    listing(
+        "Leaves too small to split (all kept in train, none in val/test)",
+        [f"{leaf}: {n} image(s)" for leaf, n in summary["too_small_to_split"].items()],
+    )
+    listing(
+        "Leaves dropped by --min-images",
+        [f"{leaf}: {n} image(s)" for leaf, n in summary["dropped_by_min_images"].items()],
+    )
+    listing(
+        "Groups of byte-identical files (each kept on one side of the split)",
+        [" = ".join(Path(p).name for p in g) for g in summary["duplicate_groups"]],
+    )
+    listing("Warning: identical files with different labels", [" = ".join(g) for g in summary["conflicting_duplicates"]])
+    if summary["tree"]["constant_nodes"]:
+        lines.extend(["", "Nodes with a single child (constant, not trained): "
+                      + ", ".join(n or "(root)" for n in summary["tree"]["constant_nodes"])])
+    return "\n".join(lines)
+
+
+def load_tree(split_dir: str | Path) -> Hierarchy:
+    return Hierarchy.load(Path(split_dir) / "hierarchy.json")
+

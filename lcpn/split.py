@@ -1,0 +1,119 @@
+"""One image-level train/val/test split, and per-node views of it.
+
+The split is made once, stratified by leaf. Every parent node's train/val set is the part of that
+one split below the node, relabelled with the node's child on the path. So an image used to train
+any node is never in the end-to-end test set. Byte-identical files form one group that lands on
+one side. Leaves too small to split stay in train and are reported.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from .hierarchy import Hierarchy
+
+TRAIN, VAL, TEST = "train", "val", "test"
+# A leaf needs at least this many distinct images (duplicate groups) to give one to val and test.
+MIN_TO_SPLIT = 3
+
+
+@dataclass(frozen=True)
+class Image:
+    path: str
+    leaf: str
+    sha256: str
+
+
+@dataclass
+class SplitResult:
+    hierarchy: Hierarchy
+    assignment: dict[str, str]  # path -> train/val/test
+    images: list[Image]  # kept images, sorted by (leaf, path)
+    too_small: dict[str, int] = field(default_factory=dict)  # leaf -> images, all kept in train
+    dropped: dict[str, int] = field(default_factory=dict)  # leaf -> images (--min-images)
+    duplicate_groups: list[list[str]] = field(default_factory=list)  # paths, each group on one side
+    conflicting_duplicates: list[list[str]] = field(default_factory=list)  # same bytes, other leaves
+
+    def split_of(self, image: Image) -> str:
+        return self.assignment[image.path]
+
+    def node_view(self, node: str, split: str) -> list[tuple[Image, str]]:
+        """(image, child of ``node`` on its path) for every image of ``split`` below ``node``."""
+        out = []
+        for im in self.images:
+            if self.assignment[im.path] == split:
+                child = self.hierarchy.child_towards(node, im.leaf)
+                if child is not None:
+                    out.append((im, child))
+        return out
+
+
+def make_split(
+    images: list[Image], val: float, test: float, seed: int = 0, min_images: int = 0
+) -> SplitResult:
+    """Split ``images`` (path, leaf, content hash) into train/val/test; see the module docstring."""
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError("val and test must be fractions in [0, 1) that sum to less than 1")
+    images = sorted(images, key=lambda im: (im.leaf, im.path))
+    per_leaf = Counter(im.leaf for im in images)
+    dropped = {leaf: n for leaf, n in per_leaf.items() if n < min_images}
+    images = [im for im in images if im.leaf not in dropped]
+
+    # Group byte-identical files. A group goes with the leaf most of its members carry.
+    by_hash: dict[str, list[Image]] = defaultdict(list)
+    for im in images:
+        by_hash[im.sha256].append(im)
+    groups_by_leaf: dict[str, list[list[Image]]] = defaultdict(list)
+    duplicate_groups, conflicting = [], []
+    for members in by_hash.values():
+        leaves = Counter(m.leaf for m in members)
+        leaf = min(leaves, key=lambda x: (-leaves[x], x))
+        groups_by_leaf[leaf].append(members)
+        if len(members) > 1:
+            duplicate_groups.append([m.path for m in members])
+            if len(leaves) > 1:
+                conflicting.append([f"{m.path} ({m.leaf})" for m in members])
+
+    assignment: dict[str, str] = {}
+    too_small: dict[str, int] = {}
+    for leaf in sorted(groups_by_leaf):
+        groups = groups_by_leaf[leaf]
+        n_images = sum(len(g) for g in groups)
+        if len(groups) < MIN_TO_SPLIT:
+            too_small[leaf] = sum(m.leaf == leaf for g in groups for m in g)
+            for g in groups:
+                assignment.update((m.path, TRAIN) for m in g)
+            continue
+        # String seeds are hashed with SHA-512 by `random`, so this is stable across runs.
+        rng = random.Random(f"{seed}:{leaf}")
+        rng.shuffle(groups)
+        want = {TEST: _quota(test, n_images), VAL: _quota(val, n_images)}
+        got = {TEST: 0, VAL: 0}
+        for i, g in enumerate(groups):
+            left = len(groups) - i
+            side = TRAIN
+            for s in (TEST, VAL):
+                # Keep at least one group for train whatever the quotas say.
+                if got[s] < want[s] and left > 1:
+                    side = s
+                    break
+            got[side] = got.get(side, 0) + len(g)
+            assignment.update((m.path, side) for m in g)
+
+    kept_leaves = sorted({im.leaf for im in images})
+    return SplitResult(
+        hierarchy=Hierarchy.from_leaves(kept_leaves),
+        assignment=assignment,
+        images=images,
+        too_small=too_small,
+        dropped=dropped,
+        duplicate_groups=sorted(duplicate_groups),
+        conflicting_duplicates=sorted(conflicting),
+    )
+
+
+def _quota(fraction: float, n: int) -> int:
+    """Images a split side should get: the rounded share, but at least one if the share is > 0."""
+    return 0 if fraction <= 0 else max(1, int(fraction * n + 0.5))
