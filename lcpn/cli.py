@@ -35,26 +35,66 @@ def _fraction(ctx: click.Context, param: click.Parameter, value: float) -> float
 
 @main.command()
 @click.argument("source", required=False, type=click.Path(path_type=Path))
-@click.option("--out", default="split_datasets", show_default=True, type=click.Path(path_type=Path),
-              help="Folder to write the split into (created if missing, files replaced).")
-@click.option("--val", default=0.2, show_default=True, callback=_fraction,
-              help="Share of each leaf's images for validation.")
-@click.option("--test", default=0.1, show_default=True, callback=_fraction,
-              help="Share of each leaf's images for the end-to-end test set.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the split; the same seed gives the same split.")
-@click.option("--min-images", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Drop leaves with fewer images than this (reported).")
-@click.option("--csv", "csv_file", type=click.Path(path_type=Path),
-              help="Take labels from this CSV instead of a folder tree.")
+@click.option(
+    "--out",
+    default="split_datasets",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder to write the split into (created if missing, files replaced).",
+)
+@click.option(
+    "--val",
+    default=0.2,
+    show_default=True,
+    callback=_fraction,
+    help="Share of each leaf's images for validation.",
+)
+@click.option(
+    "--test",
+    default=0.1,
+    show_default=True,
+    callback=_fraction,
+    help="Share of each leaf's images for the end-to-end test set.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="Seed of the split; the same seed gives the same split."
+)
+@click.option(
+    "--min-images",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Drop leaves with fewer images than this (reported).",
+)
+@click.option(
+    "--csv",
+    "csv_file",
+    type=click.Path(path_type=Path),
+    help="Take labels from this CSV instead of a folder tree.",
+)
 @click.option("--levels", help="With --csv: label columns, top level first, comma-separated.")
 @click.option("--path-column", default="path", show_default=True, help="With --csv: column of image paths.")
-@click.option("--image-root", type=click.Path(path_type=Path),
-              help="With --csv: folder that relative image paths start from [default: the CSV's folder].")
-@click.option("--materialize", type=click.Choice(["symlink", "copy"]),
-              help="Also lay the split out as <node>/{train,val}/<class>/ image folders.")
+@click.option(
+    "--image-root",
+    type=click.Path(path_type=Path),
+    help="With --csv: folder that relative image paths start from [default: the CSV's folder].",
+)
+@click.option(
+    "--materialize",
+    type=click.Choice(["symlink", "copy"]),
+    help="Also lay the split out as <node>/{train,val}/<class>/ image folders.",
+)
 def prepare(
-    source: Path | None, out: Path, val: float, test: float, seed: int, min_images: int,
-    csv_file: Path | None, levels: str | None, path_column: str, image_root: Path | None,
+    source: Path | None,
+    out: Path,
+    val: float,
+    test: float,
+    seed: int,
+    min_images: int,
+    csv_file: Path | None,
+    levels: str | None,
+    path_column: str,
+    image_root: Path | None,
     materialize: str | None,
 ) -> None:
     """Split a labelled image collection once into per-node train/val sets and a test set.

@@ -86,7 +86,9 @@ def prepare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": source, "val": val, "test": test, "seed": seed, "min_images": min_images}
-    fsio.write_json(out / "hierarchy.json", {**tree.to_dict(), "split": settings, "lcpn_version": __version__})
+    fsio.write_json(
+        out / "hierarchy.json", {**tree.to_dict(), "split": settings, "lcpn_version": __version__}
+    )
     fsio.write_csv(
         out / "images.csv",
         ("path", "sha256", "leaf", "split"),
@@ -133,9 +135,11 @@ def _summary(result: SplitResult, excluded: list[Excluded], node_counts: dict, s
     per_split = Counter(result.assignment.values())
     return {
         "settings": settings,
-        "images": {"kept": len(result.images), "excluded": len(excluded), **{
-            s: per_split.get(s, 0) for s in (TRAIN, VAL, TEST)
-        }},
+        "images": {
+            "kept": len(result.images),
+            "excluded": len(excluded),
+            **{s: per_split.get(s, 0) for s in (TRAIN, VAL, TEST)},
+        },
         "tree": {
             "depth": tree.max_depth,
             "leaves": len(tree.leaves),
@@ -193,13 +197,20 @@ def format_summary(summary: dict, tree: Hierarchy, out: Path, show: int = 10) ->
         "Groups of byte-identical files (each kept on one side of the split)",
         [" = ".join(Path(p).name for p in g) for g in summary["duplicate_groups"]],
     )
-    listing("Warning: identical files with different labels", [" = ".join(g) for g in summary["conflicting_duplicates"]])
+    listing(
+        "Warning: identical files with different labels",
+        [" = ".join(g) for g in summary["conflicting_duplicates"]],
+    )
     if summary["tree"]["constant_nodes"]:
-        lines.extend(["", "Nodes with a single child (constant, not trained): "
-                      + ", ".join(n or "(root)" for n in summary["tree"]["constant_nodes"])])
+        lines.extend(
+            [
+                "",
+                "Nodes with a single child (constant, not trained): "
+                + ", ".join(n or "(root)" for n in summary["tree"]["constant_nodes"]),
+            ]
+        )
     return "\n".join(lines)
 
 
 def load_tree(split_dir: str | Path) -> Hierarchy:
     return Hierarchy.load(Path(split_dir) / "hierarchy.json")
-

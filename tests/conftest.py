@@ -1,0 +1,49 @@
+"""Tiny image trees built in tmp_path: real files, a few pixels each, each one distinct."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+_counter = itertools.count()
+
+
+def write_image(path: Path, colour: tuple[int, int, int] | None = None, size: int = 8) -> Path:
+    """A small JPEG or PNG (by suffix) whose bytes differ from every other one written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = next(_counter)
+    rng = np.random.default_rng(n)
+    arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    if colour is not None:
+        arr[:] = colour
+        arr[0, 0] = (n % 256, (n // 256) % 256, 7)  # keep the bytes unique
+    Image.fromarray(arr, "RGB").save(path)
+    return path
+
+
+def make_tree(root: Path, leaves: dict[str, int], suffix: str = ".png") -> Path:
+    """Create ``root/<leaf path>/img_<i><suffix>`` for every leaf and count."""
+    for leaf, count in leaves.items():
+        for i in range(count):
+            write_image(root / leaf / f"img_{i}{suffix}")
+    return root
+
+
+@pytest.fixture
+def tree3(tmp_path: Path) -> Path:
+    """A depth-3 tree with a constant node and the same class name under two parents."""
+    return make_tree(
+        tmp_path / "data",
+        {
+            "a/x/p": 10,
+            "a/x/q": 10,
+            "a/y": 10,
+            "b/x": 10,
+            "b/z": 10,
+            "c/only": 6,
+        },
+    )

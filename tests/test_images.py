@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from lcpn import images
+from lcpn.images import ImageError, check_image, open_rgb
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "CMYK", "L", "I;16", "LA", "1"])
+def test_any_mode_opens_as_rgb(tmp_path, mode):
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (6, 5, 3), dtype=np.uint8), "RGB")
+    im = Image.new("I;16", (5, 6), 40000) if mode == "I;16" else base.convert(mode)
+    path = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
+    im.save(path)
+    out = open_rgb(path)
+    assert out.mode == "RGB" and out.size == (5, 6)
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    arr = np.array([[0, 30000, 65535]], dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "g.png")
+    values = np.asarray(open_rgb(tmp_path / "g.png"))[0, :, 0]
+    assert values[0] == 0 and values[2] == 255 and 100 < values[1] < 130
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    Image.new("RGBA", (3, 3), (10, 20, 30, 0)).save(tmp_path / "t.png")
+    assert np.asarray(open_rgb(tmp_path / "t.png"))[1, 1].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (10, 4), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im.save(tmp_path / "o.jpg", exif=exif)
+    assert open_rgb(tmp_path / "o.jpg").size == (4, 10)
+
+
+def test_bad_files_give_reasons(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    data = good.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbled.jpg").write_bytes(data[:200] + bytes(range(256)) * 4)
+    assert check_image(tmp_path / "empty.jpg") == "empty file"
+    assert check_image(tmp_path / "notes.jpg") == "not an image file"
+    assert check_image(tmp_path / "cut.jpg") == "truncated image"
+    assert check_image(tmp_path / "garbled.jpg") is not None
+    assert check_image(tmp_path / "missing.jpg").startswith("cannot read file")
+    assert check_image(good) is None
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    Image.new("L", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 5000)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_rgb(tmp_path / "big.png")
+
+
+def test_hidden_files():
+    from pathlib import Path
+
+    assert images.is_hidden(Path(".DS_Store")) and images.is_hidden(Path("._x.jpg"))
+    assert not images.is_hidden(Path("x.jpg"))

@@ -1,0 +1,124 @@
+import shutil
+
+from conftest import make_tree, write_image
+
+from lcpn.fsio import read_csv
+from lcpn.hierarchy import Hierarchy
+from lcpn.prepare import prepare
+from lcpn.sources import scan_tree
+from lcpn.split import TEST, TRAIN, VAL, Image, make_split
+
+
+def _images(counts: dict[str, int]) -> list[Image]:
+    return [Image(f"/{leaf}/{i}.jpg", leaf, f"{leaf}-{i}") for leaf, n in counts.items() for i in range(n)]
+
+
+def test_stratified_by_leaf_with_val_and_test_everywhere():
+    result = make_split(_images({"a/x": 50, "a/y": 20, "b": 3}), val=0.2, test=0.1, seed=0)
+    for leaf, n in {"a/x": 50, "a/y": 20, "b": 3}.items():
+        sides = [result.assignment[f"/{leaf}/{i}.jpg"] for i in range(n)]
+        assert sides.count(VAL) == max(1, round(0.2 * n))
+        assert sides.count(TEST) == max(1, round(0.1 * n))
+        assert sides.count(TRAIN) >= 1
+
+
+def test_node_views_never_touch_the_test_set():
+    result = make_split(_images({"a/x/p": 30, "a/x/q": 30, "a/y": 30, "b": 30}), val=0.2, test=0.2, seed=3)
+    test = {p for p, s in result.assignment.items() if s == TEST}
+    for node in result.hierarchy.parents:
+        for split in (TRAIN, VAL):
+            view = result.node_view(node, split)
+            assert view, (node, split)
+            assert not {im.path for im, _ in view} & test
+            assert all(result.hierarchy.child_towards(node, im.leaf) == c for im, c in view)
+    # the root sees every train image, labelled with its top-level class
+    assert len(result.node_view("", TRAIN)) == sum(s == TRAIN for s in result.assignment.values())
+
+
+def test_duplicates_land_on_one_side():
+    images = _images({"a": 40, "b": 40})
+    # ten groups of three byte-identical files in `a`
+    images = [
+        Image(im.path, im.leaf, f"dup{i % 10}" if im.leaf == "a" and i < 30 else im.sha256)
+        for i, im in enumerate(images)
+    ]
+    for seed in range(5):
+        result = make_split(images, val=0.3, test=0.3, seed=seed)
+        assert len(result.duplicate_groups) == 10
+        for group in result.duplicate_groups:
+            assert len({result.assignment[p] for p in group}) == 1
+
+
+def test_conflicting_duplicates_are_reported():
+    images = _images({"a": 5, "b": 5})
+    images.append(Image("/b/copy.jpg", "b", "a-0"))
+    result = make_split(images, val=0.2, test=0.2)
+    assert result.conflicting_duplicates == [["/a/0.jpg (a)", "/b/copy.jpg (b)"]]
+    assert result.assignment["/a/0.jpg"] == result.assignment["/b/copy.jpg"]
+
+
+def test_tiny_leaves_stay_in_train_and_min_images_drops():
+    result = make_split(_images({"a": 20, "b": 2, "c": 1, "d": 4}), val=0.2, test=0.1)
+    assert result.too_small == {"b": 2, "c": 1}
+    assert {result.assignment[f"/b/{i}.jpg"] for i in range(2)} == {TRAIN}
+    dropped = make_split(_images({"a": 20, "b": 2, "c": 1, "d": 4}), val=0.2, test=0.1, min_images=3)
+    assert dropped.dropped == {"b": 2, "c": 1}
+    assert dropped.hierarchy == Hierarchy.from_leaves(["a", "d"])
+
+
+def test_seed_changes_the_split_and_is_deterministic():
+    images = _images({"a": 30, "b": 30})
+    one, two = make_split(images, 0.2, 0.1, seed=1), make_split(list(reversed(images)), 0.2, 0.1, seed=1)
+    assert one.assignment == two.assignment
+    assert make_split(images, 0.2, 0.1, seed=2).assignment != one.assignment
+
+
+def test_same_input_and_seed_give_byte_identical_output(tree3, tmp_path):
+    outputs = []
+    for name in ("one", "two"):
+        items, excluded = scan_tree(tree3)
+        prepare(items, excluded, tmp_path / name, str(tree3), seed=7)
+        outputs.append(
+            {
+                p.relative_to(tmp_path / name): p.read_bytes()
+                for p in sorted((tmp_path / name).rglob("*"))
+                if p.is_file()
+            }
+        )
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0]) == 4 + 2 * 5  # hierarchy, summary, images, test + train/val per parent
+
+
+def test_prepare_excludes_bad_files_with_reasons(tmp_path):
+    root = make_tree(tmp_path / "d", {"a": 5, "b": 5})
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "a" / "notes.txt").write_text("hello")
+    (root / "a" / ".DS_Store").write_bytes(b"junk")
+    (root / "b" / "._img_0.png").write_bytes(b"junk")
+    good = (root / "b" / "img_0.png").read_bytes()
+    (root / "b" / "cut.png").write_bytes(good[: len(good) // 2])
+    write_image(root / "stray.png")
+    items, excluded = scan_tree(root)
+    result = prepare(items, excluded, tmp_path / "out", str(root))
+    reasons = {e.path.rsplit("/", 1)[-1]: e.reason for e in result.excluded}
+    assert reasons == {
+        "empty.jpg": "empty file",
+        "notes.txt": "not an image file",
+        "cut.png": reasons["cut.png"],
+        "stray.png": "file in a folder that has sub-folders (not a leaf class)",
+    }
+    assert "truncated" in reasons["cut.png"] or "undecodable" in reasons["cut.png"]
+    kept = read_csv(tmp_path / "out" / "images.csv")
+    assert len(kept) == 10
+
+
+def test_materialize_lays_out_class_folders(tree3, tmp_path):
+    items, excluded = scan_tree(tree3)
+    prepare(items, excluded, tmp_path / "out", str(tree3), materialize="symlink")
+    train = tmp_path / "out" / "a" / "x" / "train"
+    assert sorted(p.name for p in train.iterdir()) == ["p", "q"]
+    links = list((train / "p").iterdir())
+    assert links and all(p.is_symlink() and p.resolve().is_file() for p in links)
+    rows = read_csv(tmp_path / "out" / "a" / "x" / "train.csv")
+    assert len(rows) == sum(len(list((train / c).iterdir())) for c in ("p", "q"))
+    shutil.rmtree(tmp_path / "out")
