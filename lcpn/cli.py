@@ -130,3 +130,158 @@ def prepare(
         raise click.UsageError(f"{exc}.") from None
     click.echo(format_summary(result.summary, result.split.hierarchy, out))
     click.echo(f"\nDone in {time.perf_counter() - start:.1f} s.")
+
+
+def _default(name: str) -> str:
+    from .config import TrainConfig
+
+    return f" [default: {getattr(TrainConfig(), name)}]"
+
+
+@main.command()
+@click.option(
+    "--data",
+    default="split_datasets",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="A split made by `lcpn prepare`.",
+)
+@click.option(
+    "--out",
+    default="trained_models",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the trained models (one sub-folder per parent node).",
+)
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    help="Train only this parent node (a path such as 'Apparel' or 'root'); repeatable.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["finetune", "features"]),
+    help="finetune: fine-tune a whole network per node (GPU territory); features: one frozen "
+    "shared backbone, cached embeddings, a small head per node (seconds on a CPU)." + _default("mode"),
+)
+@click.option(
+    "--backbone",
+    help="Network: efficientnet-b0 ... efficientnet-b7, or efficientnet-lite0 "
+    "(pretrained weights ship with its package)." + _default("backbone"),
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    help="A local ImageNet checkpoint for the backbone (instead of the hub cache or a download).",
+)
+@click.option(
+    "--pretrained/--no-pretrained",
+    default=None,
+    help="Start from ImageNet weights, or train from scratch." + _default("pretrained"),
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=16),
+    help="Input resolution [default: the backbone's own, 380 for B4, 224 for Lite0].",
+)
+@click.option("--epochs", type=click.IntRange(min=1), help="Most epochs per node." + _default("epochs"))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch." + _default("batch_size"))
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate." + _default("lr")
+)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=1),
+    help="Stop a node after this many epochs without a better val accuracy." + _default("patience"),
+)
+@click.option(
+    "--head",
+    type=click.Choice(["linear", "mlp"]),
+    help="features mode: the per-node head." + _default("head"),
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+    help="Where to train; auto picks CUDA, then MPS, then the CPU." + _default("device"),
+)
+@click.option(
+    "--workers", type=click.IntRange(min=0), help="Image-decoding worker processes." + _default("workers")
+)
+@click.option("--seed", type=int, help="Random seed." + _default("seed"))
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="TOML or JSON file of training options (same names as these flags); flags override it.",
+)
+@click.option("--force", is_flag=True, help="Retrain nodes that are already trained, ignoring checkpoints.")
+def train(
+    data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | None, force: bool, **options
+) -> None:
+    """Train one classifier per parent node of a prepared split.
+
+    Each node's folder gets model.pth, node.json, bin/*.pickle, performance.txt and plots.
+    Finished nodes are skipped and an interrupted node resumes after its last finished epoch, so
+    running the same command again continues where it stopped. A node with a single child is
+    recorded as constant and not trained.
+    """
+    from .backbones import WeightsError
+    from .config import make_config, read_config_file
+    from .train import TrainError, train_nodes
+
+    try:
+        file_options = read_config_file(config_file) if config_file else {}
+        options["weights"] = str(options["weights"]) if options["weights"] else None
+        config = make_config(file_options, options)
+        from .backbones import spec
+
+        spec(config.backbone)
+    except (ValueError, TypeError, OSError) as exc:
+        raise click.UsageError(f"{exc}.") from None
+    start = time.perf_counter()
+    try:
+        results = train_nodes(data, out, config, nodes, force)
+    except (TrainError, WeightsError) as exc:
+        raise click.UsageError(f"{exc}.") from None
+    trained = sum(r.status == "trained" for r in results)
+    click.echo(
+        f"\n{len(results)} node(s) ready in {out} ({trained} trained now) in {time.perf_counter() - start:.1f} s."
+    )
+
+
+@main.command()
+@click.option(
+    "--models",
+    default="trained_models",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="A folder written by `lcpn train`.",
+)
+def summary(models: Path) -> None:
+    """Print one line per trained node: kind, classes, validation accuracy and macro F1, epochs."""
+    from .artefacts import ArtefactError, read_info
+    from .hierarchy import Hierarchy
+    from .report import format_table
+
+    index = models / "hierarchy.json"
+    if not index.is_file():
+        raise click.UsageError(f"'{models}' is not an lcpn model folder (no hierarchy.json).")
+    tree = Hierarchy.load(index)
+    rows = []
+    for node in tree.parents:
+        try:
+            info = read_info(models / tree.folders[node])
+        except ArtefactError:
+            rows.append([node or "(root)", "not trained", len(tree.children[node]), None, None, None, None])
+            continue
+        m = info.metrics
+        best = [h["epoch"] for h in info.history if h.get("best")]
+        rows.append([
+            node or "(root)", info.kind if info.kind == "constant" else info.mode, len(info.classes),
+            m.get("n"), m.get("accuracy"), m.get("macro_f1"),
+            f"{best[-1]}/{len(info.history)}" if best else None,
+        ])  # fmt: skip
+    click.echo(
+        format_table(rows, ["node", "kind", "classes", "val images", "val acc", "macro F1", "best epoch"])
+    )

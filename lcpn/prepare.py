@@ -56,7 +56,9 @@ def inspect(items: list[LabelledImage], workers: int | None = None) -> tuple[lis
     bad: list[Excluded] = []
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(one, items)
-        for r in tqdm(results, total=len(items), desc="checking images", unit="img", leave=False):
+        for r in tqdm(
+            results, total=len(items), desc="checking images", unit="img", leave=False, disable=None
+        ):
             (good if isinstance(r, Image) else bad).append(r)
     return good, bad
 

@@ -3,8 +3,9 @@
 Both yield ``LabelledImage`` records (absolute path + leaf node id) and a list of rows or files
 that were left out, each with its reason. Nothing here opens an image; see ``images``.
 
-Folder-tree rule: folders are classes and images belong to leaf folders only. An image that sits
-directly in a folder that also has sub-folders has no leaf class, so it is left out and reported.
+Folder-tree rule: folders are classes and images belong to leaf folders only. A file that sits
+directly in a class folder that also has sub-folders has no leaf class, so it is left out and
+reported. Files at the top of the tree (a README, a config file) belong to no class and are ignored.
 """
 
 from __future__ import annotations
@@ -48,15 +49,14 @@ def scan_tree(root: str | Path) -> tuple[list[LabelledImage], list[Excluded]]:
         entries = sorted(p for p in folder.iterdir() if not is_hidden(p))
         subdirs = [p for p in entries if p.is_dir()]
         files = [p for p in entries if p.is_file()]
-        if subdirs:
+        if subdirs and names:  # files at the top (a README, a config) belong to no class
             for f in files:
                 excluded.append(Excluded(str(f), "file in a folder that has sub-folders (not a leaf class)"))
+        if subdirs:
             for d in subdirs:
                 walk(d, names + (d.name,))
         elif names:
             items.extend(LabelledImage(str(f), node_id(names)) for f in files)
-        else:
-            excluded.extend(Excluded(str(f), "file at the top of the tree (no class)") for f in files)
 
     walk(root, ())
     if not items:

