@@ -108,9 +108,7 @@ def read_info(folder: str | Path) -> NodeInfo:
     try:
         return NodeInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
-        raise ArtefactError(
-            f"'{path}' is missing: the node was never trained or training did not finish"
-        ) from None
+        raise ArtefactError(f"'{path}' is missing: the node was never trained or training did not finish") from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ArtefactError(f"'{path}' is not a valid node description ({exc})") from None
 

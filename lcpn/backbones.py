@@ -76,9 +76,7 @@ def build(name: str, num_classes: int) -> nn.Module:
     return model
 
 
-def create(
-    name: str, num_classes: int, pretrained: bool = True, weights: str | Path | None = None
-) -> nn.Module:
+def create(name: str, num_classes: int, pretrained: bool = True, weights: str | Path | None = None) -> nn.Module:
     """Build the network and, if ``pretrained``, load ImageNet weights into everything but the head."""
     model = build(name, num_classes)
     if pretrained or weights is not None:

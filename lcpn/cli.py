@@ -56,9 +56,7 @@ def _fraction(ctx: click.Context, param: click.Parameter, value: float) -> float
     callback=_fraction,
     help="Share of each leaf's images for the end-to-end test set.",
 )
-@click.option(
-    "--seed", default=0, show_default=True, help="Seed of the split; the same seed gives the same split."
-)
+@click.option("--seed", default=0, show_default=True, help="Seed of the split; the same seed gives the same split.")
 @click.option(
     "--min-images",
     default=0,
@@ -187,9 +185,7 @@ def _default(name: str) -> str:
 )
 @click.option("--epochs", type=click.IntRange(min=1), help="Most epochs per node." + _default("epochs"))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch." + _default("batch_size"))
-@click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate." + _default("lr")
-)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate." + _default("lr"))
 @click.option(
     "--patience",
     type=click.IntRange(min=1),
@@ -205,9 +201,7 @@ def _default(name: str) -> str:
     type=click.Choice(["auto", "cpu", "cuda", "mps"]),
     help="Where to train; auto picks CUDA, then MPS, then the CPU." + _default("device"),
 )
-@click.option(
-    "--workers", type=click.IntRange(min=0), help="Image-decoding worker processes." + _default("workers")
-)
+@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes." + _default("workers"))
 @click.option("--seed", type=int, help="Random seed." + _default("seed"))
 @click.option(
     "--config",
@@ -216,9 +210,7 @@ def _default(name: str) -> str:
     help="TOML or JSON file of training options (same names as these flags); flags override it.",
 )
 @click.option("--force", is_flag=True, help="Retrain nodes that are already trained, ignoring checkpoints.")
-def train(
-    data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | None, force: bool, **options
-) -> None:
+def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | None, force: bool, **options) -> None:
     """Train one classifier per parent node of a prepared split.
 
     Each node's folder gets model.pth, node.json, bin/*.pickle, performance.txt and plots.
@@ -282,6 +274,4 @@ def summary(models: Path) -> None:
             m.get("n"), m.get("accuracy"), m.get("macro_f1"),
             f"{best[-1]}/{len(info.history)}" if best else None,
         ])  # fmt: skip
-    click.echo(
-        format_table(rows, ["node", "kind", "classes", "val images", "val acc", "macro F1", "best epoch"])
-    )
+    click.echo(format_table(rows, ["node", "kind", "classes", "val images", "val acc", "macro F1", "best epoch"]))

@@ -70,9 +70,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     options = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(options) - set(FIELDS))
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} in '{path}'; known options: {', '.join(FIELDS)}"
-        )
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} in '{path}'; known options: {', '.join(FIELDS)}")
     return options
 
 

@@ -148,8 +148,7 @@ class Hierarchy:
         return {
             "root_folder": self.folders[ROOT],
             "nodes": {
-                n: {"children": list(c), **({"folder": self.folders[n]} if c else {})}
-                for n, c in self.children.items()
+                n: {"children": list(c), **({"folder": self.folders[n]} if c else {})} for n, c in self.children.items()
             },
         }
 

@@ -56,9 +56,7 @@ def inspect(items: list[LabelledImage], workers: int | None = None) -> tuple[lis
     bad: list[Excluded] = []
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(one, items)
-        for r in tqdm(
-            results, total=len(items), desc="checking images", unit="img", leave=False, disable=None
-        ):
+        for r in tqdm(results, total=len(items), desc="checking images", unit="img", leave=False, disable=None):
             (good if isinstance(r, Image) else bad).append(r)
     return good, bad
 
@@ -88,9 +86,7 @@ def prepare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": source, "val": val, "test": test, "seed": seed, "min_images": min_images}
-    fsio.write_json(
-        out / "hierarchy.json", {**tree.to_dict(), "split": settings, "lcpn_version": __version__}
-    )
+    fsio.write_json(out / "hierarchy.json", {**tree.to_dict(), "split": settings, "lcpn_version": __version__})
     fsio.write_csv(
         out / "images.csv",
         ("path", "sha256", "leaf", "split"),

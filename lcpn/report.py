@@ -13,8 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, classification_report  # noqa: E402
 
 from . import fsio  # noqa: E402
@@ -57,9 +57,7 @@ def performance_text(path: Path, node_title: str, o: Outcome) -> dict:
     if not o.y_true:
         fsio.write_text(path, f"{node_title}\n\nNo images to evaluate on.\n")
         return {"accuracy": None, "n": 0}
-    text = classification_report(
-        o.y_true, o.y_pred, labels=labels, target_names=o.classes, digits=4, zero_division=0
-    )
+    text = classification_report(o.y_true, o.y_pred, labels=labels, target_names=o.classes, digits=4, zero_division=0)
     report = classification_report(
         o.y_true, o.y_pred, labels=labels, target_names=o.classes, output_dict=True, zero_division=0
     )
@@ -75,9 +73,7 @@ def performance_text(path: Path, node_title: str, o: Outcome) -> dict:
         "macro_f1": report["macro avg"]["f1-score"],
         "n": len(o.y_true),
         "evaluated_on": o.evaluated_on,
-        "per_class": {
-            c: {k: report[c][k] for k in ("precision", "recall", "f1-score", "support")} for c in o.classes
-        },
+        "per_class": {c: {k: report[c][k] for k in ("precision", "recall", "f1-score", "support")} for c in o.classes},
     }
 
 
@@ -132,9 +128,7 @@ def error_plot(path: Path, title: str, history: list[dict]) -> None:
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [h.get(f"{split}_{key}") for h in history]
             if any(v is not None for v in values):
-                axis.plot(
-                    epochs, [np.nan if v is None else v for v in values], style, label=split, markersize=3
-                )
+                axis.plot(epochs, [np.nan if v is None else v for v in values], style, label=split, markersize=3)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("accuracy" if key == "acc" else "loss")

@@ -50,9 +50,7 @@ class SplitResult:
         return out
 
 
-def make_split(
-    images: list[Image], val: float, test: float, seed: int = 0, min_images: int = 0
-) -> SplitResult:
+def make_split(images: list[Image], val: float, test: float, seed: int = 0, min_images: int = 0) -> SplitResult:
     """Split ``images`` (path, leaf, content hash) into train/val/test; see the module docstring."""
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError("val and test must be fractions in [0, 1) that sum to less than 1")

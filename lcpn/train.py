@@ -336,8 +336,7 @@ def fit_node(data: NodeData, folder: Path, config: TrainConfig) -> NodeInfo:
         state["epoch"] = epoch
         tqdm.write(
             f"{data.title} epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['acc']:.3f} | "
-            f"{evaluated_on.split()[0]} loss {ev['loss']:.4f} acc {ev['acc']:.3f}"
-            + (" *" if improved else "")
+            f"{evaluated_on.split()[0]} loss {ev['loss']:.4f} acc {ev['acc']:.3f}" + (" *" if improved else "")
         )
         with fsio.atomic_path(ckpt_path) as tmp:
             torch.save(
@@ -386,9 +385,7 @@ def select_nodes(tree: Hierarchy, names: Iterable[str]) -> list[str]:
     unknown = [n for n in wanted if n not in tree.children or tree.is_leaf(n)]
     if unknown:
         choices = ", ".join(n or "root" for n in tree.parents)
-        raise TrainError(
-            f"unknown parent node {', '.join(repr(n) for n in unknown)}; the nodes are: {choices}"
-        )
+        raise TrainError(f"unknown parent node {', '.join(repr(n) for n in unknown)}; the nodes are: {choices}")
     return [n for n in tree.parents if n in wanted]
 
 
@@ -408,9 +405,7 @@ def train_nodes(
     """Train the named parent nodes (all by default) of a prepared split into ``out``."""
     split_dir, out = Path(split_dir), Path(out)
     if not (split_dir / "hierarchy.json").is_file():
-        raise TrainError(
-            f"'{split_dir}' is not a prepared split (no hierarchy.json); run `lcpn prepare` first"
-        )
+        raise TrainError(f"'{split_dir}' is not a prepared split (no hierarchy.json); run `lcpn prepare` first")
     tree = Hierarchy.load(split_dir / "hierarchy.json")
     chosen = select_nodes(tree, nodes)
     backbones.spec(config.backbone)

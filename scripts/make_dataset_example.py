@@ -94,16 +94,12 @@ def skirt(d: ImageDraw.ImageDraw, fill: tuple, detail: tuple) -> None:
 
 
 def boot(d: ImageDraw.ImageDraw, fill: tuple, detail: tuple) -> None:
-    d.polygon(
-        _poly([(0.32, 0.08), (0.58, 0.08), (0.58, 0.58), (0.86, 0.68), (0.88, 0.84), (0.32, 0.84)]), fill=fill
-    )
+    d.polygon(_poly([(0.32, 0.08), (0.58, 0.08), (0.58, 0.58), (0.86, 0.68), (0.88, 0.84), (0.32, 0.84)]), fill=fill)
     d.rectangle(_box(0.3, 0.84, 0.9, 0.9), fill=detail)
 
 
 def sneaker(d: ImageDraw.ImageDraw, fill: tuple, detail: tuple) -> None:
-    d.polygon(
-        _poly([(0.12, 0.48), (0.42, 0.42), (0.58, 0.54), (0.86, 0.6), (0.9, 0.72), (0.12, 0.72)]), fill=fill
-    )
+    d.polygon(_poly([(0.12, 0.48), (0.42, 0.42), (0.58, 0.54), (0.86, 0.6), (0.9, 0.72), (0.12, 0.72)]), fill=fill)
     d.rectangle(_box(0.1, 0.72, 0.92, 0.8), fill=detail)
     for x in (0.35, 0.42, 0.49):
         d.line(_poly([(x, 0.47), (x + 0.05, 0.56)]), fill=detail, width=4)
@@ -188,9 +184,7 @@ def make(out: Path, per_leaf: int, seed: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "dataset_example"
-    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "dataset_example")
     parser.add_argument("--per-leaf", type=int, default=50, help="pictures per leaf class")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -39,9 +39,7 @@ def run(*args):
 
 def test_whole_tree_trains_on_cpu_and_writes_every_artefact(split, tmp_path):
     out = tmp_path / "models"
-    result = run(
-        "train", "--data", split, "--out", out, "--backbone", "efficientnet-lite0", "--epochs", "2", *FAST
-    )
+    result = run("train", "--data", split, "--out", out, "--backbone", "efficientnet-lite0", "--epochs", "2", *FAST)
     assert result.exit_code == 0, result.output
     index = json.loads((out / "hierarchy.json").read_text())
     assert index["config"]["backbone"] == "efficientnet-lite0" and "torch" in index["versions"]
@@ -71,17 +69,13 @@ def test_whole_tree_trains_on_cpu_and_writes_every_artefact(split, tmp_path):
     assert not (out / "c" / "model.pth").exists()
     assert "constant node" in result.output
 
-    again = run(
-        "train", "--data", split, "--out", out, "--backbone", "efficientnet-lite0", "--epochs", "2", *FAST
-    )
+    again = run("train", "--data", split, "--out", out, "--backbone", "efficientnet-lite0", "--epochs", "2", *FAST)
     assert again.exit_code == 0 and again.output.count("already trained, skipped") == 4
 
 
 def test_artefact_round_trip_gives_identical_logits(split, tmp_path):
     out = tmp_path / "models"
-    config = TrainConfig(
-        backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu"
-    )
+    config = TrainConfig(backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
     train_nodes(split, out, config, nodes=["b"])
     loaded = artefacts.load_node(out / "b")
     again = artefacts.load_node(out / "b")
@@ -251,9 +245,7 @@ def test_hostile_pickle_is_refused_and_runs_nothing(split, tmp_path):
     train_nodes(
         split,
         out,
-        TrainConfig(
-            backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu"
-        ),
+        TrainConfig(backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu"),
         nodes=["b"],
     )
     marker = tmp_path / "pwned"
