@@ -275,3 +275,190 @@ def summary(models: Path) -> None:
             f"{best[-1]}/{len(info.history)}" if best else None,
         ])  # fmt: skip
     click.echo(format_table(rows, ["node", "kind", "classes", "val images", "val acc", "macro F1", "best epoch"]))
+
+
+def _load_cascade(models: Path, device: str, bf16: bool):
+    from .artefacts import ArtefactError
+    from .predict import Cascade
+    from .train import TrainError
+
+    try:
+        return Cascade.load(models, device, bf16)
+    except (ArtefactError, TrainError) as exc:
+        raise click.UsageError(f"{exc}.") from None
+
+
+_models_option = click.option(
+    "--models", default="trained_models", show_default=True, type=click.Path(path_type=Path),
+    help="A model folder written by `lcpn train`.",
+)  # fmt: skip
+_device_option = click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+    help="Where to run the networks; auto picks CUDA, then MPS, then the CPU.",
+)  # fmt: skip
+_bf16_option = click.option(
+    "--bf16/--fp32", default=False, show_default=True,
+    help="Run the networks under bfloat16 autocast (faster on CPUs and GPUs with bf16 support).",
+)  # fmt: skip
+_decode_option = click.option(
+    "--decode", default="greedy", show_default=True, type=click.Choice(["greedy", "best-path"]),
+    help="greedy: the most probable child at each level; best-path: the full path with the highest "
+    "product of probabilities.",
+)  # fmt: skip
+_min_conf_option = click.option(
+    "--min-confidence", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+    help="Stop descending where the chosen child's probability is below this and return the partial path "
+    "(the top-level decision is always given).",
+)  # fmt: skip
+_batch_option = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+                             help="Images per batch.")  # fmt: skip
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_models_option
+@click.option(
+    "--top-k",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Also list the K most probable full paths (0: none).",
+)
+@_min_conf_option
+@_decode_option
+@_batch_option
+@_device_option
+@_bf16_option
+@click.option(
+    "--format",
+    "fmt",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json", "csv"]),
+    help="text: one line per image; json: one JSON object per line; csv: one row per image.",
+)
+def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, bf16, fmt) -> None:
+    """Name the class of images at every level of the tree.
+
+    INPUTS are image files or folders (searched recursively). Every node model is loaded once and
+    images are routed down the tree in batches. An unreadable image gets its own error and the
+    others are still predicted. Exit code: 0 when every image was predicted, 1 when any failed,
+    2 on usage errors.
+    """
+    import csv
+    import json
+    import sys
+
+    from .predict import collect_images
+
+    paths = collect_images(inputs)
+    if not paths:
+        raise click.UsageError(f"no image files found in {', '.join(str(i) for i in inputs)}.")
+    cascade = _load_cascade(models, device, bf16)
+    depth = cascade.tree.max_depth
+    writer = csv.writer(sys.stdout, lineterminator="\n") if fmt == "csv" else None
+    if writer:
+        writer.writerow(["image", *(f"level_{d}" for d in range(1, depth + 1)),
+                         *(f"confidence_{d}" for d in range(1, depth + 1)),
+                         "path_probability", "stopped_early", "top_k", "error"])  # fmt: skip
+    failed = 0
+    for pred in cascade.predict_paths(paths, batch_size, top_k, decode, min_confidence):
+        failed += pred.error is not None
+        if fmt == "json":
+            click.echo(json.dumps(pred.to_dict(), ensure_ascii=False))
+        elif writer:
+            pad = depth - len(pred.path)
+            writer.writerow([
+                pred.image, *pred.path, *[""] * pad, *(f"{c:.6f}" for c in pred.confidences), *[""] * pad,
+                "" if pred.error else f"{pred.path_probability:.6f}", pred.stopped_early,
+                json.dumps(pred.to_dict()["top_k"], ensure_ascii=False) if top_k else "", pred.error or "",
+            ])  # fmt: skip
+        else:
+            click.echo(_text_line(pred, top_k))
+    sys.stdout.flush()
+    if failed:
+        click.echo(f"{failed} of {len(paths)} image(s) could not be predicted.", err=True)
+        sys.exit(1)
+
+
+def _text_line(pred, top_k: int) -> str:
+    if pred.error:
+        return f"{pred.image}  ERROR: {pred.error}"
+    line = f"{pred.image}  " + " > ".join(f"{n} ({c:.2f})" for n, c in zip(pred.path, pred.confidences))
+    if pred.stopped_early:
+        line += "  [stopped early]"
+    if top_k > 1:
+        line += "  | top-k: " + "; ".join(f"{' > '.join(t['path'])} {t['probability']:.3f}" for t in pred.top_k)
+    return line
+
+
+@main.command()
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@_models_option
+@click.option("--csv", "csv_file", type=click.Path(path_type=Path), help="Take labels from this CSV instead.")
+@click.option("--levels", help="With --csv: label columns, top level first, comma-separated.")
+@click.option("--path-column", default="path", show_default=True, help="With --csv: column of image paths.")
+@click.option(
+    "--image-root",
+    type=click.Path(path_type=Path),
+    help="With --csv: folder that relative image paths start from [default: the CSV's folder].",
+)
+@click.option(
+    "--out",
+    default="evaluation",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for metrics.json, nodes.csv and the confusion-matrix plots.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="text: a readable report; json: metrics.json on stdout.",
+)
+@_decode_option
+@_min_conf_option
+@_batch_option
+@_device_option
+@_bf16_option
+def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, decode, min_confidence,
+             batch_size, device, bf16) -> None:  # fmt: skip
+    """Measure the whole cascade on labelled images.
+
+    DATA is a split folder from `lcpn prepare` (its end-to-end test set is used) or a labelled
+    folder tree; or give --csv FILE --levels ... instead. Reports accuracy per level, full-path
+    accuracy, hierarchical precision/recall/F1, mistake severity and error propagation per node.
+    Images of classes the model does not know are reported and left out.
+    """
+    import json
+
+    from .evaluate import evaluate as run_evaluate
+    from .evaluate import format_metrics, split_test_items
+
+    try:
+        if csv_file is not None:
+            if not levels:
+                raise click.UsageError("--csv needs --levels, e.g. --levels masterCategory,subCategory.")
+            items, _ = scan_csv(csv_file, [c.strip() for c in levels.split(",") if c.strip()], path_column,
+                                image_root)  # fmt: skip
+        elif data is None:
+            raise click.UsageError("give DATA (a split folder or a labelled folder tree), or --csv FILE --levels ...")
+        elif (data / "test.csv").is_file() and (data / "hierarchy.json").is_file():
+            items = split_test_items(data)
+        else:
+            items, _ = scan_tree(data)
+    except SourceError as exc:
+        raise click.UsageError(f"{exc}.") from None
+    if not items:
+        raise click.UsageError("there are no images to evaluate on.")
+    cascade = _load_cascade(models, device, bf16)
+    result = run_evaluate(cascade, items, out, batch_size, decode, min_confidence)
+    if result.metrics["n_images"] == 0:
+        raise click.UsageError("none of the images belongs to a class that the model knows.")
+    if fmt == "json":
+        click.echo(json.dumps(result.metrics, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_metrics(result.metrics))
+        click.echo(f"\nWrote {out / 'metrics.json'}, nodes.csv and confusion-matrix plots.")

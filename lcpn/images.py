@@ -53,7 +53,7 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise ImageError("decompression bomb (too many pixels)") from None
     except OSError as exc:
         text = str(exc)
-        reason = "truncated image" if "truncated" in text else f"undecodable image ({text})"
+        reason = "truncated image" if "truncated" in text.lower() else f"undecodable image ({text})"
         raise ImageError(reason) from None
     except (ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"undecodable image ({exc})") from None

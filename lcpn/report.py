@@ -13,9 +13,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, classification_report  # noqa: E402
+from tabulate import tabulate  # noqa: E402
 
 from . import fsio  # noqa: E402
 from .images import ImageError, open_rgb  # noqa: E402
@@ -86,7 +86,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def confusion_plot(path: Path, title: str, o: Outcome) -> None:
     n = len(o.classes)
-    size = max(4.0, 0.45 * n + 2.5)
+    size = min(24.0, max(4.0, 0.45 * n + 2.5))
     fig, ax = plt.subplots(figsize=(size, size))
     if o.y_true:
         ConfusionMatrixDisplay.from_predictions(
@@ -168,11 +168,5 @@ def wrong_plot(path: Path, title: str, o: Outcome, limit: int = MAX_WRONG) -> No
 
 
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    """An aligned text table (pandas does the layout); floats with 4 decimals, missing as '-'."""
-    frame = pd.DataFrame([list(r) for r in rows], columns=list(header))
-    first = frame.columns[0]
-    width = max([len(str(v)) for v in frame[first]] + [len(first)])
-    return frame.to_string(
-        index=False, na_rep="-", float_format=lambda v: f"{v:.4f}", justify="left",
-        formatters={first: lambda v: f"{v!s:<{width}}"},
-    )  # fmt: skip
+    """An aligned text table; floats with 4 decimals, missing values as '-'."""
+    return tabulate(rows, headers=list(header), floatfmt=".4f", missingval="-", disable_numparse=False)

@@ -47,3 +47,31 @@ def tree3(tmp_path: Path) -> Path:
             "c/only": 6,
         },
     )
+
+
+FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def split(tmp_path_factory):
+    """A prepared depth-3 split with a constant node (c) and two trainable levels under a."""
+    from lcpn.prepare import prepare
+    from lcpn.sources import scan_tree
+
+    root = tmp_path_factory.mktemp("data")
+    make_tree(root, {"a/x/p": 8, "a/x/q": 8, "a/y": 8, "b/u": 8, "b/v": 8, "c/only": 6}, suffix=".jpg")
+    out = tmp_path_factory.mktemp("split")
+    prepare(*scan_tree(root), out, str(root), val=0.25, test=0.15)
+    return out
+
+
+@pytest.fixture(scope="session")
+def finetuned(split, tmp_path_factory):
+    """Every node of ``split`` trained for one epoch in finetune mode (Lite0 at 32 px)."""
+    from lcpn.config import TrainConfig
+    from lcpn.train import train_nodes
+
+    out = tmp_path_factory.mktemp("finetuned")
+    config = TrainConfig(backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
+    train_nodes(split, out, config)
+    return out

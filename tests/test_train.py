@@ -10,27 +10,13 @@ import urllib.error
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tree
+from conftest import FAST
 
 from lcpn import artefacts, backbones
 from lcpn.cli import main
 from lcpn.config import TrainConfig
 from lcpn.images import open_rgb
-from lcpn.prepare import prepare
-from lcpn.sources import scan_tree
 from lcpn.train import train_nodes
-
-FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    """A prepared depth-3 split with a constant node (c) and two trainable levels under a."""
-    root = tmp_path_factory.mktemp("data")
-    make_tree(root, {"a/x/p": 8, "a/x/q": 8, "a/y": 8, "b/u": 8, "b/v": 8, "c/only": 6}, suffix=".jpg")
-    out = tmp_path_factory.mktemp("split")
-    prepare(*scan_tree(root), out, str(root), val=0.25, test=0.15)
-    return out
 
 
 def run(*args):
