@@ -67,5 +67,18 @@ while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
 echo
 echo "== Per-node summary ($models)"
 "$lcpn" summary --models "$models"
-echo "== Finished in $(( $(date +%s) - start )) s"
 if [ "$failed" -ne 0 ]; then echo "train_lcpn.sh: some nodes failed; run it again to resume them" >&2; exit 1; fi
+
+echo
+echo "== Predicting a few test images"
+mapfile -t samples < <("$py" -c '
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1], newline="", encoding="utf-8")))
+for r in rows[:: max(1, len(rows) // 5)][:5]:
+    print(r["path"])' "$split/test.csv")
+"$lcpn" predict "${samples[@]}" --models "$models" --top-k 2
+
+echo
+echo "== Evaluating the end-to-end test split"
+"$lcpn" evaluate "$split" --models "$models" --out "$models/evaluation"
+echo "== Finished in $(( $(date +%s) - start )) s"

@@ -133,19 +133,27 @@ def save_node(
     fsio.write_json(folder / NODE_JSON, info.to_dict())
 
 
-def build_head(info: NodeInfo, in_dim: int) -> nn.Module:
+class Standardize(nn.Module):
+    """Scales embeddings by the training set's per-dimension mean and std (stored as buffers)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def build_head(info: NodeInfo, in_dim: int) -> nn.Sequential:
     """The small classifier that features mode trains on the shared backbone's embeddings."""
-    n = len(info.classes)
+    n, dropout = len(info.classes), float(info.head.get("dropout", 0.0))
     if info.head.get("type") == "mlp":
         hidden = int(info.head["hidden"])
-        return nn.Sequential(
-            nn.Dropout(info.head.get("dropout", 0.0)),
-            nn.Linear(in_dim, hidden),
-            nn.GELU(),
-            nn.Dropout(info.head.get("dropout", 0.0)),
-            nn.Linear(hidden, n),
-        )
-    return nn.Sequential(nn.Dropout(info.head.get("dropout", 0.0)), nn.Linear(in_dim, n))
+        layers = [nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n)]
+    else:
+        layers = [nn.Dropout(dropout), nn.Linear(in_dim, n)]
+    return nn.Sequential(Standardize(in_dim), *layers)
 
 
 def build_network(info: NodeInfo) -> nn.Module:

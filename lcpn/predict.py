@@ -32,6 +32,7 @@ from PIL import Image
 
 from . import artefacts, backbones
 from .artefacts import ArtefactError
+from .devices import resolve_device, want_bf16
 from .hierarchy import ROOT, Hierarchy, names_of
 from .images import ImageError, open_rgb
 from .transforms import DataConfig, eval_transform
@@ -176,10 +177,8 @@ class Cascade:
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, models: str | Path, device: str = "auto", bf16: bool = False) -> Cascade:
-        """Load ``hierarchy.json`` and every node of a model folder once."""
-        from .train import resolve_device
-
+    def load(cls, models: str | Path, device: str = "auto", precision: str = "fp32") -> Cascade:
+        """Load ``hierarchy.json`` and every node of a model folder once (precision: auto, bf16, fp32)."""
         models = Path(models)
         if not models.is_dir():
             raise ArtefactError(f"the model folder '{models}' does not exist")
@@ -189,7 +188,8 @@ class Cascade:
             tree = Hierarchy.load(models / "hierarchy.json")
         except (ValueError, KeyError) as exc:
             raise ArtefactError(f"'{models / 'hierarchy.json'}' is not a valid tree ({exc})") from None
-        runtime = Runtime(resolve_device(device), bf16)
+        resolved = resolve_device(device)
+        runtime = Runtime(resolved, want_bf16(precision, resolved))
         shared: SharedBackbone | None = None
         nodes: dict[str, NodeModel] = {}
         for node in tree.parents:

@@ -123,22 +123,30 @@ def class_plot(path: Path, title: str, classes: list[str], counts: dict[str, lis
 def error_plot(path: Path, title: str, history: list[dict]) -> None:
     """Loss and accuracy per epoch for train and val."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    epochs = [h["epoch"] for h in history]
+    by_c = bool(history) and "C" in history[0]  # a logistic-regression head: one point per L2 strength
+    epochs = [h["C"] if by_c else h["epoch"] for h in history]
     for key, axis in (("loss", left), ("acc", right)):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [h.get(f"{split}_{key}") for h in history]
             if any(v is not None for v in values):
                 axis.plot(epochs, [np.nan if v is None else v for v in values], style, label=split, markersize=3)
-        axis.set_xlabel("epoch")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if by_c:
+            axis.set_xscale("log")
+            axis.set_xlabel("C (inverse L2 strength)")
+        else:
+            axis.set_xlabel("epoch")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("accuracy" if key == "acc" else "loss")
         axis.grid(alpha=0.3)
         axis.legend()
-    best = [h["epoch"] for h in history if h.get("best")]
+    best = [x for x, h in zip(epochs, history) if h.get("best")]
     if best:
         for axis in (left, right):
             axis.axvline(best[-1], color="grey", linestyle="--", linewidth=1)
-    fig.suptitle(f"{title}: training curves (dashed line: best epoch, restored)")
+    what = (
+        "regularisation path (dashed line: chosen C)" if by_c else "training curves (dashed line: best epoch, restored)"
+    )
+    fig.suptitle(f"{title}: {what}")
     _save(fig, path)
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import __version__, artefacts, backbones, fsio
 from .artefacts import CHECKPOINT, NodeInfo
 from .config import TrainConfig
+from .devices import resolve_device
 from .hierarchy import Hierarchy, names_of
 from .images import ImageError, open_rgb
 from .report import Outcome, write_node_report
@@ -116,20 +117,6 @@ def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 # --- helpers shared with features mode -----------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda was asked for, but no CUDA GPU is available")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TrainError("--device mps was asked for, but Apple's MPS is not available")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Accuracy and speed of lcpn against its baselines, on the same images and machine.
+
+    python scripts/benchmark.py [--data DIR] [--csv FILE --levels A,B,C] [--workdir DIR] [--out bench.json]
+
+By default it runs on ../shared/data/fashion-products-9k with its two folder levels; pass
+``--csv .../labels.csv --levels masterCategory,subCategory,articleType`` for three levels. In one
+run it prepares the split, trains lcpn in features mode (EfficientNet-Lite0), evaluates on the
+held-out test split, and measures on the same test images:
+
+accuracy   lcpn's cascade; a flat classifier (one head over all leaves) on the same embeddings;
+           hiclass's LocalClassifierPerParentNode with LogisticRegression on the same embeddings
+throughput lcpn's batched Cascade in features mode and in finetune mode; the classic per-image
+           cascade that loads the parent's and the child's model and pickles from disk for every
+           image; one backbone forward pass per batch (a flat classifier: the limit)
+train time every node's head in features mode (embedding cache warm), and one finetune-mode epoch
+           over all nodes, estimated from a timed epoch on a 64-image slice of every node
+precision  the share of test images whose predicted path is the same under bf16 autocast and fp32
+
+The finetune-mode models are trained for one epoch on that slice only: they serve the speed
+measurements, not the accuracy table. --workdir keeps the split, the embedding cache and both
+model folders for `lcpn predict` / `lcpn evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcpn import artefacts, backbones, fsio
+from lcpn.config import TrainConfig
+from lcpn.evaluate import evaluate, split_test_items
+from lcpn.features import EmbeddingCache, embed_images, file_sha256, fit_head, head_spec
+from lcpn.hierarchy import Hierarchy, names_of
+from lcpn.metrics import hierarchical_prf, level_scores, path_accuracy
+from lcpn.predict import Cascade, HeadNode
+from lcpn.prepare import prepare
+from lcpn.report import format_table
+from lcpn.sources import scan_csv, scan_tree
+from lcpn.train import NodeData, train_nodes
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-products-9k"
+BACKBONE = "efficientnet-lite0"
+BATCH = 32
+SLICE = 64  # images per node for the finetune-mode models and the epoch estimate
+CLASSIC_IMAGES = 24  # the per-image baseline is slow: time it on this many images
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def accuracy_row(y_true: list[str], y_pred: list[str]) -> dict:
+    row = {f"level_{lv['depth']}": lv["accuracy"] for lv in level_scores(y_true, y_pred)}
+    row["path"] = path_accuracy(y_true, y_pred)
+    row["hf"] = hierarchical_prf(y_true, y_pred)["f1"]
+    return row
+
+
+def throughput(cascade: Cascade, paths: list[str], repeat: int = 1) -> float:
+    """Images per second of batched prediction, decoding included (best of ``repeat``)."""
+    list(cascade.predict_paths(paths[:BATCH], BATCH))  # warm-up
+    best = 0.0
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in cascade.predict_paths(paths, BATCH):
+            pass
+        best = max(best, len(paths) / (time.perf_counter() - start))
+    return best
+
+
+def flat_baseline(split: Path, tree: Hierarchy, feats: dict, test: list, config: TrainConfig, dim: int):
+    """One head over every leaf, trained with lcpn's own recipe on the same embeddings."""
+    leaves = tree.leaves
+    index = {leaf: i for i, leaf in enumerate(leaves)}
+    rows = fsio.read_csv(split / "images.csv")
+    by_split = {s: [(r["path"], index[r["leaf"]]) for r in rows if r["split"] == s] for s in ("train", "val")}
+    data = NodeData("", leaves, by_split["train"], by_split["val"], "")
+    stub = artefacts.NodeInfo(node="", classes=leaves, mode="features", head=head_spec(config))
+    t0 = time.perf_counter()
+    head, _, _ = fit_head(data, feats, stub, config, dim)
+    seconds = time.perf_counter() - t0
+    x = torch.stack([feats[p][0] for p, _ in test]).float()
+    with torch.no_grad():
+        pred = head(x).argmax(1).tolist()
+    return [leaves[i] for i in pred], head, seconds
+
+
+def hiclass_baseline(split: Path, tree: Hierarchy, feats: dict, test: list) -> list[str]:
+    """hiclass's LCPN with scikit-learn's LogisticRegression on standardised embeddings."""
+    from hiclass import LocalClassifierPerParentNode
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rows = [r for r in fsio.read_csv(split / "images.csv") if r["split"] == "train" and r["path"] in feats]
+    depth = tree.max_depth
+    x = np.stack([feats[r["path"]][0].float().numpy() for r in rows])
+    y = np.array([list(names_of(r["leaf"])) + [""] * (depth - len(names_of(r["leaf"]))) for r in rows])
+    scaler = StandardScaler().fit(x)
+    model = LocalClassifierPerParentNode(local_classifier=LogisticRegression(max_iter=3000), n_jobs=1)
+    model.fit(scaler.transform(x), y)
+    xt = np.stack([feats[p][0].float().numpy() for p, _ in test])
+    return ["/".join(n for n in row if n) for row in model.predict(scaler.transform(xt))]
+
+
+def classic_per_image(models: Path, tree: Hierarchy, paths: list[str]) -> float:
+    """The classic predict loop: for every image, load each model on its path from disk, then predict."""
+    from lcpn.images import open_rgb
+
+    start = time.perf_counter()
+    for path in paths:
+        image, node = open_rgb(path), ""
+        while not tree.is_leaf(node):
+            loaded = artefacts.load_node(models / tree.folders[node])  # weights, encoder, transforms
+            if loaded.network is None:
+                node = tree.children[node][0]
+                continue
+            with torch.inference_mode():
+                logits = loaded.network(loaded.transforms(image).unsqueeze(0))
+            node = tree.children[node][int(logits.argmax())]
+    return len(paths) / (time.perf_counter() - start)
+
+
+def sliced_split(split: Path, out: Path, tree: Hierarchy) -> None:
+    """A copy of the split with at most SLICE train and 8 val images per node, for finetune mode."""
+    fsio.write_text(out / "hierarchy.json", (split / "hierarchy.json").read_text(encoding="utf-8"))
+    for node in tree.parents:
+        for name, limit in (("train.csv", SLICE), ("val.csv", 8)):
+            rows = fsio.read_csv(split / tree.folders[node] / name)
+            rows = rows[:: max(1, len(rows) // limit)][:limit]
+            fsio.write_csv(out / tree.folders[node] / name, ("path", "sha256", "label"),
+                           ([r["path"], r["sha256"], r["label"]] for r in rows))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a labelled folder tree")
+    parser.add_argument("--csv", type=Path, help="labels CSV (paths relative to --data)")
+    parser.add_argument("--levels", help="with --csv: the label columns, top level first")
+    parser.add_argument("--workdir", type=Path, default=REPO / "bench_work", help="split, cache and models")
+    parser.add_argument("--out", type=Path, default=REPO / "bench.json")
+    parser.add_argument("--head", default="linear", choices=["linear", "mlp"])
+    args = parser.parse_args()
+    started = time.perf_counter()
+    work = args.workdir
+    split = work / ("split_" + ("csv_" + args.levels.replace(",", "-") if args.csv else "folders"))
+
+    log(f"prepare {args.data}")
+    if args.csv:
+        items, excluded = scan_csv(args.csv, args.levels.split(","), "path", args.data)
+    else:
+        items, excluded = scan_tree(args.data)
+    prepare(items, excluded, split, str(args.data))
+    tree = Hierarchy.load(split / "hierarchy.json")
+    test_items = split_test_items(split)
+    test = [(it.path, it.leaf) for it in test_items]
+    test_paths = [p for p, _ in test]
+
+    config = TrainConfig(mode="features", backbone=BACKBONE, head=args.head, cache=str(work / "embeddings"))
+    models = split.with_name(split.name + "-features")
+    log("train features mode (builds the embedding cache on the first run)")
+    t0 = time.perf_counter()
+    train_nodes(split, models, config, force=True)
+    first_run = time.perf_counter() - t0
+    log("train features mode again with the cache warm")
+    t0 = time.perf_counter()
+    train_nodes(split, models, config, force=True)
+    features_seconds = time.perf_counter() - t0
+
+    log("evaluate lcpn on the test split")
+    cascade = Cascade.load(models, "cpu", "auto")
+    lcpn_eval = evaluate(cascade, test_items, models / "evaluation", BATCH)
+    y_true = [it.leaf for it, p in lcpn_eval.predictions if p.error is None]
+    y_lcpn = [p.node for _, p in lcpn_eval.predictions if p.error is None]
+
+    log("baselines on the same embeddings")
+    backbone = next(n for n in cascade.nodes.values() if isinstance(n, HeadNode)).backbone
+
+    key = {"backbone": BACKBONE, "image_size": backbone.data.image_size,
+           "weights": file_sha256(backbones.pretrained_path(BACKBONE))[:16], "bf16": backbone.runtime.bf16}  # fmt: skip
+    all_paths = [r["path"] for r in fsio.read_csv(split / "images.csv")]
+    feats = embed_images(all_paths, backbone, EmbeddingCache(work / "embeddings", key), 1, BATCH)
+    dim = backbones.spec(BACKBONE).feature_dim
+    y_flat, flat_head, flat_seconds = flat_baseline(split, tree, feats, test, config, dim)
+    y_hiclass = hiclass_baseline(split, tree, feats, test)
+    truth = [leaf for _, leaf in test]
+
+    log("precision: bf16 vs fp32 paths on the test split")
+    fp32 = Cascade.load(models, "cpu", "fp32")
+    bf16 = Cascade.load(models, "cpu", "bf16")
+    p32 = [p.node for p in fp32.predict_paths(test_paths, BATCH)]
+    p16 = [p.node for p in bf16.predict_paths(test_paths, BATCH)]
+    agreement = sum(a == b for a, b in zip(p32, p16)) / len(test_paths)
+
+    log("throughput: features cascade, flat single forward")
+    tp_features = throughput(cascade, test_paths, repeat=2)
+    flat_tree = Hierarchy.from_leaves([leaf.replace("/", "|") for leaf in tree.leaves])
+    flat = Cascade(flat_tree, {"": HeadNode([names_of(n)[-1] for n in flat_tree.children[""]], flat_head, backbone)})
+    tp_single = throughput(flat, test_paths, repeat=2)
+
+    log("finetune mode: train on a slice of every node, time it, measure throughput")
+    sliced = work / (split.name + "-slice")
+    sliced_split(split, sliced, tree)
+    ft_models = split.with_name(split.name + "-finetune")
+    ft_config = TrainConfig(mode="finetune", backbone=BACKBONE, epochs=1, batch_size=16, workers=2)
+    results = train_nodes(sliced, ft_models, ft_config, force=True)
+    trained = [r for r in results if r.info.history]
+    sliced_images = sum(len(fsio.read_csv(sliced / tree.folders[r.node] / "train.csv")) for r in trained)
+    seconds_per_image = sum(r.info.history[0]["seconds"] for r in trained) / sliced_images
+    epoch_images = sum(len(fsio.read_csv(split / tree.folders[n] / "train.csv")) for n in tree.trainable)
+    ft_cascade = Cascade.load(ft_models, "cpu", "auto")
+    tp_finetune = throughput(ft_cascade, test_paths[: BATCH * 6])
+    tp_classic = classic_per_image(ft_models, tree, test_paths[:CLASSIC_IMAGES])
+
+    depth_keys = [f"level_{d}" for d in range(1, tree.max_depth + 1)]
+    bench = {
+        "data": str(args.csv or args.data) + (f" [{args.levels}]" if args.levels else ""),
+        "levels": tree.max_depth,
+        "n_test_images": len(test),
+        "accuracy": {
+            "lcpn": accuracy_row(y_true, y_lcpn),
+            "flat": accuracy_row(truth, y_flat),
+            "hiclass": accuracy_row(truth, y_hiclass),
+        },
+        "throughput": {
+            "cascade_features": tp_features,
+            "cascade_finetune": tp_finetune,
+            "classic_per_image": tp_classic,
+            "single_forward": tp_single,
+        },
+        "train_seconds": {
+            "features_all_nodes": features_seconds,
+            "features_first_run_with_embedding": first_run,
+            "flat_head": flat_seconds,
+            "finetune_epoch_estimate": seconds_per_image * epoch_images,
+        },
+        "precision": {"bf16_fp32_path_agreement": agreement, "bf16_in_use": backbone.runtime.bf16},
+        "lcpn_metrics": {k: lcpn_eval.metrics[k] for k in ("hierarchical", "mistake_severity", "path_accuracy")},
+        "machine": {
+            "cpu_count": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "processor": platform.processor(),
+        },  # fmt: skip
+        "config": {"backbone": BACKBONE, "head": args.head, "batch_size": BATCH},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    fsio.write_json(args.out, bench)
+
+    print(format_table([[name, *(row.get(k) for k in depth_keys), row["path"], row["hf"]]
+                        for name, row in bench["accuracy"].items()], ["", *depth_keys, "path", "hF1"]))  # fmt: skip
+    print()
+    print(format_table([[k, v] for k, v in bench["throughput"].items()], ["throughput", "images/s"]))
+    print()
+    print(format_table([[k, v] for k, v in bench["train_seconds"].items()], ["training", "seconds"]))
+    print(f"\nbf16 vs fp32 path agreement: {agreement:.4f}; wall time {bench['wall_seconds']:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

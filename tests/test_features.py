@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from lcpn import artefacts
+from lcpn.artefacts import NodeInfo
+from lcpn.config import TrainConfig
+from lcpn.features import _load_linear
+from lcpn.fsio import read_csv
+from lcpn.predict import Cascade, HeadNode
+from lcpn.train import train_nodes
+
+
+def features_config(tmp_path, **kw):
+    return TrainConfig(
+        mode="features",
+        backbone="efficientnet-lite0",
+        image_size=32,
+        batch_size=8,
+        workers=0,
+        device="cpu",
+        cache=str(tmp_path / "cache"),
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def featured(split, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("features")
+    train_nodes(split, tmp / "models", features_config(tmp))
+    return tmp
+
+
+def test_features_mode_writes_the_usual_layout_and_one_backbone(featured):
+    models = featured / "models"
+    backbone = artefacts.read_info(models / "backbone")
+    assert backbone.kind == "backbone" and backbone.backbone == "efficientnet-lite0"
+    assert (models / "backbone" / "model.pth").stat().st_size > 1_000_000
+    for folder in ("parent", "a", "b", "a/x"):
+        info = artefacts.read_info(models / folder)
+        assert info.mode == "features" and info.head["type"] == "linear"
+        assert (models / folder / "model.pth").stat().st_size < 100_000  # a head, not a network
+        for plot in ("confusion_matrix.png", "class_plot.png", "error_plot.png", "wrong_plot.png"):
+            assert (models / folder / plot).is_file()
+        assert "C" in info.history[0] and sum(h["best"] for h in info.history) == 1
+    assert artefacts.read_info(models / "c").kind == "constant"
+
+
+def test_embedding_cache_is_reused_and_invalidated(split, featured, tmp_path, monkeypatch):
+    import lcpn.features as features
+
+    calls = []
+    original_run = features.Runtime.run
+
+    def counting_run(self, network, x):
+        calls.append(len(x))
+        return original_run(self, network, x)
+
+    monkeypatch.setattr(features.Runtime, "run", counting_run)
+    config = features_config(featured)  # the same cache as the fixture's run
+    train_nodes(split, tmp_path / "again", config, force=True)
+    assert calls == []  # every embedding came from the cache
+    train_nodes(split, tmp_path / "bigger", config.replace(image_size=48), force=True)
+    n_images = len({r["path"] for r in read_csv(split / "images.csv") if r["split"] != "test"})
+    assert sum(calls) == n_images  # a new image size misses the cache: each image embedded once
+    assert len(list((featured / "cache").glob("*.pt"))) == 2
+
+
+def test_features_cascade_runs_the_backbone_once_per_image(featured, split, monkeypatch):
+    cascade = Cascade.load(featured / "models", "cpu", "fp32")
+    backbone = next(n for n in cascade.nodes.values() if isinstance(n, HeadNode)).backbone
+    seen = []
+    original = backbone.embed
+    monkeypatch.setattr(backbone, "embed", lambda images: seen.append(len(images)) or original(images))
+    paths = [r["path"] for r in read_csv(split / "test.csv")]
+    preds = list(cascade.predict_paths(paths, batch_size=4, top_k=3))
+    assert sum(seen) == len(paths) and all(p.error is None for p in preds)
+    one = [p.to_dict() for p in cascade.predict_paths(paths, batch_size=1, top_k=3)]
+    assert [p["path"] for p in one] == [p.path for p in preds]
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_logistic_regression_head_matches_scikit_learn(n_classes):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = rng.integers(0, n_classes, 60)
+    clf = LogisticRegression(C=0.5, max_iter=500).fit(x, y)
+    head = artefacts.build_head(
+        NodeInfo(node="n", classes=[str(i) for i in range(n_classes)], head={"type": "linear"}), 5
+    )
+    _load_linear(head[-1], clf, n_classes)
+    head.eval()
+    with torch.no_grad():
+        ours = head(torch.tensor(x, dtype=torch.float32)).softmax(1).numpy()
+    assert np.allclose(ours, clf.predict_proba(x), atol=1e-5)
+
+
+def test_mlp_head_trains_and_reloads(split, tmp_path):
+    models = tmp_path / "models"
+    train_nodes(split, models, features_config(tmp_path, head="mlp", head_epochs=3), nodes=["b"])
+    loaded = artefacts.load_node(models / "b")
+    assert loaded.info.head["type"] == "mlp" and len(loaded.info.history) == 3
+    assert isinstance(loaded.network[-1], torch.nn.Linear) and loaded.network[-1].out_features == 2
+
+
+def test_features_mode_refuses_no_pretrained(split, tmp_path):
+    from lcpn.train import TrainError
+
+    with pytest.raises(TrainError, match="needs a pretrained backbone"):
+        train_nodes(split, tmp_path / "m", features_config(tmp_path, pretrained=False))
