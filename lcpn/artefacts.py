@@ -145,15 +145,35 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class ProbabilityAverage(nn.Module):
+    """Averages the softmax outputs of its branches; returns log-probabilities (softmax-compatible)."""
+
+    def __init__(self, branches: list[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([b(x).softmax(-1) for b in self.branches]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
 def build_head(info: NodeInfo, in_dim: int) -> nn.Sequential:
-    """The small classifier that features mode trains on the shared backbone's embeddings."""
-    n, dropout = len(info.classes), float(info.head.get("dropout", 0.0))
-    if info.head.get("type") == "mlp":
-        hidden = int(info.head["hidden"])
-        layers = [nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n)]
-    else:
-        layers = [nn.Dropout(dropout), nn.Linear(in_dim, n)]
-    return nn.Sequential(Standardize(in_dim), *layers)
+    """The head that features mode trains on the shared backbone's embeddings:
+    ``Standardize`` then a linear layer, an MLP, or both averaged (``ensemble``)."""
+    n, kind = len(info.classes), info.head.get("type", "linear")
+    dropout, hidden = float(info.head.get("dropout", 0.0)), int(info.head.get("hidden", 0))
+
+    def linear() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(in_dim, n))
+
+    def mlp() -> nn.Sequential:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                             nn.Linear(hidden, n))  # fmt: skip
+
+    if kind not in ("linear", "mlp", "ensemble"):
+        raise ValueError(f"unknown head type '{kind}'")
+    body = {"linear": linear, "mlp": mlp}.get(kind) or (lambda: ProbabilityAverage([linear(), mlp()]))
+    return nn.Sequential(Standardize(in_dim), body())
 
 
 def build_network(info: NodeInfo) -> nn.Module:

@@ -193,8 +193,8 @@ def _default(name: str) -> str:
 )
 @click.option(
     "--head",
-    type=click.Choice(["linear", "mlp"]),
-    help="features mode: the per-node head." + _default("head"),
+    type=click.Choice(["linear", "mlp", "ensemble"]),
+    help="features mode: the per-node head: a logistic regression, an MLP, or both averaged." + _default("head"),
 )
 @click.option(
     "--device",
@@ -256,6 +256,7 @@ def summary(models: Path) -> None:
     from .artefacts import ArtefactError, read_info
     from .hierarchy import Hierarchy
     from .report import format_table
+    from .train import chosen_setting
 
     index = models / "hierarchy.json"
     if not index.is_file():
@@ -269,13 +270,11 @@ def summary(models: Path) -> None:
             rows.append([node or "(root)", "not trained", len(tree.children[node]), None, None, None, None])
             continue
         m = info.metrics
-        best = [h["epoch"] for h in info.history if h.get("best")]
         rows.append([
             node or "(root)", info.kind if info.kind == "constant" else info.mode, len(info.classes),
-            m.get("n"), m.get("accuracy"), m.get("macro_f1"),
-            f"{best[-1]}/{len(info.history)}" if best else None,
+            m.get("n"), m.get("accuracy"), m.get("macro_f1"), chosen_setting(info),
         ])  # fmt: skip
-    click.echo(format_table(rows, ["node", "kind", "classes", "val images", "val acc", "macro F1", "best epoch"]))
+    click.echo(format_table(rows, ["node", "kind", "classes", "val images", "val acc", "macro F1", "chosen"]))
 
 
 def _load_cascade(models: Path, device: str, precision: str):

@@ -39,10 +39,11 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2  # image-decoding worker processes
     seed: int = 0
-    head: str = "linear"  # features mode: "linear" (logistic regression, L2 chosen on val) or "mlp"
+    head: str = "ensemble"  # features mode: "linear" (logistic regression, L2 chosen on val), "mlp", or
+    # "ensemble": both, probabilities averaged (the most accurate in docs/benchmarks.md)
     head_epochs: int = 40  # features mode, mlp head: epochs over the cached embeddings
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
-    views: int = 1  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
+    views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
     precision: str = "auto"  # features mode: backbone precision; auto uses bf16 where the device supports it
     cache: str | None = None  # features mode: embedding cache folder [default: <split>/embeddings]
 
@@ -87,6 +88,6 @@ def make_config(file_options: dict[str, Any], cli_options: dict[str, Any]) -> Tr
         raise ValueError(f"unknown device '{config.device}'; choose one of {', '.join(DEVICES)}")
     if config.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"unknown precision '{config.precision}'; choose auto, bf16 or fp32")
-    if config.head not in ("linear", "mlp"):
-        raise ValueError(f"unknown head '{config.head}'; choose linear or mlp")
+    if config.head not in ("linear", "mlp", "ensemble"):
+        raise ValueError(f"unknown head '{config.head}'; choose linear, mlp or ensemble")
     return config

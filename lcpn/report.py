@@ -33,6 +33,7 @@ class Outcome:
     y_pred: list[int]
     confidence: list[float]
     evaluated_on: str = "val"
+    note: str = ""  # a line for performance.txt about how the figures relate to the saved model
 
     @property
     def accuracy(self) -> float:
@@ -65,7 +66,7 @@ def performance_text(path: Path, node_title: str, o: Outcome) -> dict:
     header = (
         f"{node_title}\n"
         f"evaluated on: {o.evaluated_on} ({len(o.y_true)} images)\n"
-        f"accuracy: {o.accuracy:.4f} ({wrong} wrong)\n\n"
+        f"accuracy: {o.accuracy:.4f} ({wrong} wrong)\n" + (f"note: {o.note}\n" if o.note else "") + "\n"
     )
     fsio.write_text(path, header + text)
     return {

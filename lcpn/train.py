@@ -4,10 +4,10 @@ Recipe: AdamW with a linear warm-up then cosine decay (per step), label smoothin
 class-weighted cross-entropy against imbalance, early stopping on validation accuracy with the
 best weights restored, channels_last, and mixed precision on CUDA.
 
-Imbalance: the loss weights each class by 1/sqrt(its share of the node's train images),
-normalised so the average weight per image is 1. Full inverse-frequency weights (or oversampling)
-would repeat a 2-image class dozens of times per epoch and overfit it; the square root lifts rare
-classes without letting them dominate the gradient.
+Imbalance: the loss weights each class by 1/sqrt(its share of the node's train images), capped
+at 10 times the weight of the largest class and normalised so the average weight per image is 1.
+Full inverse-frequency weights (or oversampling) would repeat a 2-image class dozens of times per
+epoch and overfit it; the square root lifts rare classes without letting them dominate.
 
 Resume: after every epoch a checkpoint (model, optimizer, scheduler, history, best weights) is
 written atomically into the node folder. A run that is killed and started again continues after
@@ -123,10 +123,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def class_weights(counts: list[int]) -> torch.Tensor:
-    """1/sqrt(frequency) per class, scaled so the mean weight over the training images is 1."""
+def class_weights(counts: list[int], max_ratio: float = 10.0) -> torch.Tensor:
+    """1/sqrt(frequency) per class, at most ``max_ratio`` times the weight of the largest class,
+    scaled so the mean weight over the training images is 1.
+
+    The cap matters for classes of one or two images: uncapped, a 1-image class next to a
+    6,000-image one weighs 80 times more and the head learns to predict it everywhere.
+    """
     c = torch.tensor(counts, dtype=torch.float32)
-    w = torch.where(c > 0, c.clamp(min=1).rsqrt(), torch.zeros_like(c))
+    floor = c.max() / max_ratio**2
+    w = torch.where(c > 0, torch.maximum(c, floor).rsqrt(), torch.zeros_like(c))
     return w * c.sum() / (w * c).sum()
 
 
@@ -418,14 +424,24 @@ def train_nodes(
     return results
 
 
+def chosen_setting(info: NodeInfo) -> str | None:
+    """What model selection kept: the best epoch, or a linear head's L2 strength."""
+    best = [h for h in info.history if h.get("best")]
+    if not best:
+        return None
+    if "C" in best[-1]:
+        return f"C={best[-1]['C']} of {len(info.history)} tried"
+    return f"epoch {best[-1]['epoch']} of {len(info.history)}"
+
+
 def summary_line(r: NodeResult) -> str:
     info, title = r.info, r.node or "(root)"
     if r.status == "constant":
         return f"{title}: single child '{info.classes[0]}', constant node (not trained)"
     m = info.metrics
-    best = [h["epoch"] for h in info.history if h.get("best")]
+    chosen = chosen_setting(info) or "-"
     what = "already trained, skipped" if r.status == "skipped" else f"{m.get('seconds', 0):.1f} s"
     return (
         f"{title}: {len(info.classes)} classes, {m.get('evaluated_on', 'val')} accuracy {m['accuracy']:.4f} "
-        f"(n={m['n']}), best epoch {best[-1] if best else '-'} of {len(info.history)}; {what}"
+        f"(n={m['n']}), {chosen}; {what}"
     )

@@ -28,6 +28,7 @@ import argparse
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ BACKBONE = "efficientnet-lite0"
 BATCH = 32
 SLICE = 64  # images per node for the finetune-mode models and the epoch estimate
 CLASSIC_IMAGES = 24  # the per-image baseline is slow: time it on this many images
+CLASSIC_IMAGES_B4 = 6
 
 
 def log(msg: str) -> None:
@@ -128,11 +130,53 @@ def classic_per_image(models: Path, tree: Hierarchy, paths: list[str]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def sliced_split(split: Path, out: Path, tree: Hierarchy) -> None:
-    """A copy of the split with at most SLICE train and 8 val images per node, for finetune mode."""
+@dataclass
+class FinetuneRun:
+    models: Path
+    seconds_per_image: float  # training time per image of the slice's first epoch (val pass included)
+
+
+def finetune_models(split: Path, work: Path, tree: Hierarchy, backbone: str, per_node: int, config: TrainConfig):
+    """Finetune-mode artefacts trained on ``per_node`` images of every node: for speed measurements only."""
+    sliced = work / f"{split.name}-slice-{backbone}"
+    sliced_split(split, sliced, tree, per_node)
+    models = split.with_name(f"{split.name}-finetune-{backbone}")
+    results = train_nodes(sliced, models, config, force=True)
+    trained = [r for r in results if r.info.history]
+    images = sum(len(fsio.read_csv(sliced / tree.folders[r.node] / "train.csv")) for r in trained)
+    return FinetuneRun(models, sum(r.info.history[0]["seconds"] for r in trained) / images)
+
+
+def time_b4_step(split: Path, tree: Hierarchy) -> float:
+    """Seconds of one finetune training step of EfficientNet-B4 at 380 px on 16 real images (after a warm-up step)."""
+    from lcpn.images import open_rgb
+    from lcpn.train import data_config_for
+    from lcpn.transforms import train_transform
+
+    config = TrainConfig()  # the trainer's defaults: B4, 380 px, batch 16
+    rows = fsio.read_csv(split / tree.folders[""] / "train.csv")[: config.batch_size]
+    transform = train_transform(data_config_for(config))
+    x = torch.stack([transform(open_rgb(r["path"])) for r in rows]).contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(len(rows), dtype=torch.long)
+    model = backbones.create(config.backbone, len(tree.children[""]), pretrained=False)
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    return seconds[-1]
+
+
+def sliced_split(split: Path, out: Path, tree: Hierarchy, per_node: int) -> None:
+    """A copy of the split with at most ``per_node`` train and val images per node."""
     fsio.write_text(out / "hierarchy.json", (split / "hierarchy.json").read_text(encoding="utf-8"))
     for node in tree.parents:
-        for name, limit in (("train.csv", SLICE), ("val.csv", 8)):
+        for name, limit in (("train.csv", per_node), ("val.csv", per_node)):
             rows = fsio.read_csv(split / tree.folders[node] / name)
             rows = rows[:: max(1, len(rows) // limit)][:limit]
             fsio.write_csv(out / tree.folders[node] / name, ("path", "sha256", "label"),
@@ -205,19 +249,19 @@ def main() -> None:
     flat = Cascade(flat_tree, {"": HeadNode([names_of(n)[-1] for n in flat_tree.children[""]], flat_head, backbone)})
     tp_single = throughput(flat, test_paths, repeat=2)
 
-    log("finetune mode: train on a slice of every node, time it, measure throughput")
-    sliced = work / (split.name + "-slice")
-    sliced_split(split, sliced, tree)
-    ft_models = split.with_name(split.name + "-finetune")
-    ft_config = TrainConfig(mode="finetune", backbone=BACKBONE, epochs=1, batch_size=16, workers=2)
-    results = train_nodes(sliced, ft_models, ft_config, force=True)
-    trained = [r for r in results if r.info.history]
-    sliced_images = sum(len(fsio.read_csv(sliced / tree.folders[r.node] / "train.csv")) for r in trained)
-    seconds_per_image = sum(r.info.history[0]["seconds"] for r in trained) / sliced_images
+    log("finetune mode, Lite0: one epoch on a slice of every node, then throughput")
+    lite = finetune_models(split, work, tree, BACKBONE, SLICE, TrainConfig(backbone=BACKBONE, epochs=1, workers=2))
+    tp_finetune_lite = throughput(Cascade.load(lite.models, "cpu", "auto"), test_paths[: BATCH * 6])
+    tp_classic_lite = classic_per_image(lite.models, tree, test_paths[:CLASSIC_IMAGES])
     epoch_images = sum(len(fsio.read_csv(split / tree.folders[n] / "train.csv")) for n in tree.trainable)
-    ft_cascade = Cascade.load(ft_models, "cpu", "auto")
-    tp_finetune = throughput(ft_cascade, test_paths[: BATCH * 6])
-    tp_classic = classic_per_image(ft_models, tree, test_paths[:CLASSIC_IMAGES])
+
+    log("finetune mode, B4 (the trainer's default) at 380 px: one step per node, then throughput")
+    b4_config = TrainConfig(backbone="efficientnet-b4", pretrained=False, epochs=1, batch_size=2, workers=0)
+    b4 = finetune_models(split, work, tree, "efficientnet-b4", 2, b4_config)
+    tp_finetune_b4 = throughput(Cascade.load(b4.models, "cpu", "auto"), test_paths[: BATCH * 2])
+    tp_classic_b4 = classic_per_image(b4.models, tree, test_paths[:CLASSIC_IMAGES_B4])
+    b4_step = time_b4_step(split, tree)
+    b4_steps = sum(-(-len(fsio.read_csv(split / tree.folders[n] / "train.csv")) // 16) for n in tree.trainable)
 
     depth_keys = [f"level_{d}" for d in range(1, tree.max_depth + 1)]
     bench = {
@@ -231,16 +275,24 @@ def main() -> None:
         },
         "throughput": {
             "cascade_features": tp_features,
-            "cascade_finetune": tp_finetune,
-            "classic_per_image": tp_classic,
+            "cascade_finetune": tp_finetune_b4,
+            "classic_per_image": tp_classic_b4,
             "single_forward": tp_single,
+            "cascade_finetune_lite0": tp_finetune_lite,
+            "classic_per_image_lite0": tp_classic_lite,
         },
         "train_seconds": {
             "features_all_nodes": features_seconds,
             "features_first_run_with_embedding": first_run,
             "flat_head": flat_seconds,
-            "finetune_epoch_estimate": seconds_per_image * epoch_images,
+            "finetune_epoch_estimate": b4_step * b4_steps,
+            "finetune_epoch_estimate_lite0": lite.seconds_per_image * epoch_images,
         },
+        "finetune_estimate_basis": {
+            "b4_seconds_per_step_of_16": b4_step,
+            "b4_steps_per_epoch": b4_steps,
+            "lite0_seconds_per_image": lite.seconds_per_image,
+        },  # fmt: skip
         "precision": {"bf16_fp32_path_agreement": agreement, "bf16_in_use": backbone.runtime.bf16},
         "lcpn_metrics": {k: lcpn_eval.metrics[k] for k in ("hierarchical", "mistake_severity", "path_accuracy")},
         "machine": {

@@ -39,11 +39,12 @@ def test_features_mode_writes_the_usual_layout_and_one_backbone(featured):
     assert (models / "backbone" / "model.pth").stat().st_size > 1_000_000
     for folder in ("parent", "a", "b", "a/x"):
         info = artefacts.read_info(models / folder)
-        assert info.mode == "features" and info.head["type"] == "linear"
-        assert (models / folder / "model.pth").stat().st_size < 100_000  # a head, not a network
+        assert info.mode == "features" and info.head["type"] == "ensemble" and "C" in info.head
+        assert (models / folder / "model.pth").stat().st_size < 10_000_000  # heads, not a network
         for plot in ("confusion_matrix.png", "class_plot.png", "error_plot.png", "wrong_plot.png"):
             assert (models / folder / plot).is_file()
-        assert "C" in info.history[0] and sum(h["best"] for h in info.history) == 1
+        assert sum(h["best"] for h in info.history) >= 1
+        assert "logistic regression" in (models / folder / "performance.txt").read_text()
     assert artefacts.read_info(models / "c").kind == "constant"
 
 
@@ -63,7 +64,7 @@ def test_embedding_cache_is_reused_and_invalidated(split, featured, tmp_path, mo
     assert calls == []  # every embedding came from the cache
     train_nodes(split, tmp_path / "bigger", config.replace(image_size=48), force=True)
     n_images = len({r["path"] for r in read_csv(split / "images.csv") if r["split"] != "test"})
-    assert sum(calls) == n_images  # a new image size misses the cache: each image embedded once
+    assert sum(calls) == 2 * n_images  # a new image size misses the cache: each view embedded once
     assert len(list((featured / "cache").glob("*.pt"))) == 2
 
 
@@ -89,11 +90,19 @@ def test_logistic_regression_head_matches_scikit_learn(n_classes):
     head = artefacts.build_head(
         NodeInfo(node="n", classes=[str(i) for i in range(n_classes)], head={"type": "linear"}), 5
     )
-    _load_linear(head[-1], clf, n_classes)
+    _load_linear(head[1][-1], clf, n_classes)
     head.eval()
     with torch.no_grad():
         ours = head(torch.tensor(x, dtype=torch.float32)).softmax(1).numpy()
     assert np.allclose(ours, clf.predict_proba(x), atol=1e-5)
+
+
+def test_linear_head_keeps_its_regularisation_path(split, tmp_path):
+    models = tmp_path / "models"
+    train_nodes(split, models, features_config(tmp_path, head="linear", views=1), nodes=["a"])
+    info = artefacts.load_node(models / "a").info
+    assert [h["C"] for h in info.history] == [0.01, 0.03, 0.1, 1.0]
+    assert sum(h["best"] for h in info.history) == 1 and info.head["C"] in (0.01, 0.03, 0.1, 1.0)
 
 
 def test_mlp_head_trains_and_reloads(split, tmp_path):
@@ -101,7 +110,7 @@ def test_mlp_head_trains_and_reloads(split, tmp_path):
     train_nodes(split, models, features_config(tmp_path, head="mlp", head_epochs=3), nodes=["b"])
     loaded = artefacts.load_node(models / "b")
     assert loaded.info.head["type"] == "mlp" and len(loaded.info.history) == 3
-    assert isinstance(loaded.network[-1], torch.nn.Linear) and loaded.network[-1].out_features == 2
+    assert isinstance(loaded.network[1][-1], torch.nn.Linear) and loaded.network[1][-1].out_features == 2
 
 
 def test_features_mode_refuses_no_pretrained(split, tmp_path):
