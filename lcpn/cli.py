@@ -27,6 +27,30 @@ def main(verbose: bool) -> None:
     )
 
 
+def _csv_source_options(command):
+    """--csv FILE --levels ... [--path-column] [--image-root]: labels from a CSV instead of folders."""
+    options = [
+        click.option("--csv", "csv_file", type=click.Path(path_type=Path),
+                     help="Take labels from this CSV instead of a folder tree."),
+        click.option("--levels", help="With --csv: label columns, top level first, comma-separated."),
+        click.option("--path-column", default="path", show_default=True, help="With --csv: column of image paths."),
+        click.option("--image-root", type=click.Path(path_type=Path),
+                     help="With --csv: folder that relative image paths start from [default: the CSV's folder]."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _scan_csv_source(csv_file: Path, levels: str | None, path_column: str, image_root: Path | None):
+    """Labelled images from --csv; raises SourceError or a usage error."""
+    if not levels:
+        raise click.UsageError("--csv needs --levels, e.g. --levels masterCategory,subCategory.")
+    level_list = [c.strip() for c in levels.split(",") if c.strip()]
+    items, excluded = scan_csv(csv_file, level_list, path_column, image_root)
+    return items, excluded, f"{csv_file} [{','.join(level_list)}]"
+
+
 def _fraction(ctx: click.Context, param: click.Parameter, value: float) -> float:
     if not 0 <= value < 1:
         raise click.BadParameter("must be a fraction between 0 and 1 (e.g. 0.2)")
@@ -64,19 +88,7 @@ def _fraction(ctx: click.Context, param: click.Parameter, value: float) -> float
     type=click.IntRange(min=0),
     help="Drop leaves with fewer images than this (reported).",
 )
-@click.option(
-    "--csv",
-    "csv_file",
-    type=click.Path(path_type=Path),
-    help="Take labels from this CSV instead of a folder tree.",
-)
-@click.option("--levels", help="With --csv: label columns, top level first, comma-separated.")
-@click.option("--path-column", default="path", show_default=True, help="With --csv: column of image paths.")
-@click.option(
-    "--image-root",
-    type=click.Path(path_type=Path),
-    help="With --csv: folder that relative image paths start from [default: the CSV's folder].",
-)
+@_csv_source_options
 @click.option(
     "--materialize",
     type=click.Choice(["symlink", "copy"]),
@@ -112,11 +124,7 @@ def prepare(
         if csv_file is not None:
             if source is not None:
                 raise click.UsageError("give either SOURCE or --csv, not both.")
-            if not levels:
-                raise click.UsageError("--csv needs --levels, e.g. --levels masterCategory,subCategory.")
-            level_list = [c.strip() for c in levels.split(",") if c.strip()]
-            items, excluded = scan_csv(csv_file, level_list, path_column, image_root)
-            described = f"{csv_file} [{','.join(level_list)}]"
+            items, excluded, described = _scan_csv_source(csv_file, levels, path_column, image_root)
         else:
             if source is None:
                 raise click.UsageError("give a SOURCE folder, or --csv FILE --levels ...")
@@ -396,14 +404,7 @@ def _text_line(pred, top_k: int) -> str:
 @main.command()
 @click.argument("data", required=False, type=click.Path(path_type=Path))
 @_models_option
-@click.option("--csv", "csv_file", type=click.Path(path_type=Path), help="Take labels from this CSV instead.")
-@click.option("--levels", help="With --csv: label columns, top level first, comma-separated.")
-@click.option("--path-column", default="path", show_default=True, help="With --csv: column of image paths.")
-@click.option(
-    "--image-root",
-    type=click.Path(path_type=Path),
-    help="With --csv: folder that relative image paths start from [default: the CSV's folder].",
-)
+@_csv_source_options
 @click.option(
     "--out",
     default="evaluation",
@@ -440,10 +441,7 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, 
 
     try:
         if csv_file is not None:
-            if not levels:
-                raise click.UsageError("--csv needs --levels, e.g. --levels masterCategory,subCategory.")
-            items, _ = scan_csv(csv_file, [c.strip() for c in levels.split(",") if c.strip()], path_column,
-                                image_root)  # fmt: skip
+            items, _, _ = _scan_csv_source(csv_file, levels, path_column, image_root)
         elif data is None:
             raise click.UsageError("give DATA (a split folder or a labelled folder tree), or --csv FILE --levels ...")
         elif (data / "test.csv").is_file() and (data / "hierarchy.json").is_file():
