@@ -41,7 +41,7 @@ class TrainConfig:
     seed: int = 0
     head: str = "ensemble"  # features mode: "linear" (logistic regression, L2 chosen on val), "mlp", or
     # "ensemble": both, probabilities averaged (the most accurate in docs/benchmarks.md)
-    head_epochs: int = 40  # features mode, mlp head: epochs over the cached embeddings
+    head_epochs: int = 25  # features mode, mlp head: epochs over the cached embeddings
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
     views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
     precision: str = "auto"  # features mode: backbone precision; auto uses bf16 where the device supports it

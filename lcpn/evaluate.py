@@ -53,7 +53,7 @@ def evaluate(
         extra_seconds += time.perf_counter() - t0
 
     start = time.perf_counter()
-    preds = list(cascade.predict_paths([it.path for it in items], batch_size, 1, decode, min_confidence,
+    preds = list(cascade.predict_paths([it.path for it in items], batch_size, 0, decode, min_confidence,
                                        on_batch=per_node))  # fmt: skip
     seconds = time.perf_counter() - start - extra_seconds
     pairs = [(it, p) for it, p in zip(items, preds) if p.error is None]

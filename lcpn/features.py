@@ -286,6 +286,7 @@ def _fit_mlp(
     """A small MLP trained with AdamW, warm-up + cosine, label smoothing; best val epoch restored."""
     counts = torch.bincount(hd.y_train, minlength=n_classes).tolist()
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(counts), label_smoothing=config.label_smoothing)
+    eval_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)  # unweighted, as in train.py
     lr = config.lr if config.lr != TrainConfig.lr else 1e-3  # heads take a larger step than fine-tuning
     optimizer = torch.optim.AdamW(mlp.parameters(), lr=lr, weight_decay=max(config.weight_decay, 0.05))
     batch = min(128, len(hd.x_train))
@@ -311,7 +312,7 @@ def _fit_mlp(
         mlp.eval()
         with torch.no_grad():
             val_logits = mlp(hd.x_val)
-            val_loss = loss_fn(val_logits, hd.y_val).item()
+            val_loss = eval_loss_fn(val_logits, hd.y_val).item()
             val_acc = (val_logits.argmax(1) == hd.y_val).float().mean().item()
         improved = best is None or (val_acc, -val_loss) > best
         if improved:

@@ -284,6 +284,8 @@ def fit_node(data: NodeData, folder: Path, config: TrainConfig) -> NodeInfo:
 
     weights = class_weights(data.counts()["train"]).to(device)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    # Val loss unweighted: it measures the model, and a class missing from train has weight 0.
+    eval_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = max(1, len(train_loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -313,7 +315,7 @@ def fit_node(data: NodeData, folder: Path, config: TrainConfig) -> NodeInfo:
         t0 = time.perf_counter()
         tr = _run_epoch(model, train_loader, device, amp, loss_fn, optimizer, scheduler,
                         desc=f"{data.title} epoch {epoch}/{config.epochs}")  # fmt: skip
-        ev = _run_epoch(model, val_loader, device, amp, loss_fn, desc=f"{data.title} eval")
+        ev = _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} eval")
         score = (ev["acc"], -ev["loss"])
         improved = state["best"] is None or score > tuple(state["best"])
         if improved:
@@ -345,7 +347,7 @@ def fit_node(data: NodeData, folder: Path, config: TrainConfig) -> NodeInfo:
             )
 
     model.load_state_dict(state["best_state"])
-    final = _run_epoch(model, val_loader, device, amp, loss_fn, desc=f"{data.title} final eval")
+    final = _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} final eval")
     order = np.argsort(final["indices"])
     outcome = Outcome(
         classes=data.classes, paths=[val_rows[i][0] for i in np.array(final["indices"])[order]],
