@@ -43,6 +43,8 @@ def open_rgb(path: str | Path) -> Image.Image:
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"decompression bomb ({w}x{h} pixels, limit {MAX_PIXELS})")
                 im.load()
+                if im.format == "JPEG" and _jpeg_cut_short(path):
+                    raise ImageError("truncated image")
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb(im)
     except ImageError:
@@ -57,6 +59,17 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise ImageError(reason) from None
     except (ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"undecodable image ({exc})") from None
+
+
+def _jpeg_cut_short(path: Path) -> bool:
+    """True when the last scan of a JPEG has no end marker after it.
+
+    libjpeg decodes a file cut inside its last scan with only a warning, filling the rest grey.
+    FF D9 (end of image) and FF DA (start of scan) never occur inside entropy-coded data, and an
+    EXIF thumbnail's markers come before the main scan, so the last FF D9 must follow the last FF DA.
+    """
+    data = path.read_bytes()
+    return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
 
 
 def check_image(path: str | Path) -> str | None:

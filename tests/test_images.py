@@ -28,6 +28,16 @@ def test_transparent_pixels_become_white(tmp_path):
     assert np.asarray(open_rgb(tmp_path / "t.png"))[1, 1].tolist() == [255, 255, 255]
 
 
+def test_jpeg_with_an_exif_thumbnail_is_not_taken_for_truncated(tmp_path):
+    thumb = tmp_path / "thumb.jpg"
+    Image.new("RGB", (8, 8), "blue").save(thumb)
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    im = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    im.save(tmp_path / "full.jpg", exif=exif.tobytes() + thumb.read_bytes())
+    assert check_image(tmp_path / "full.jpg") is None
+
+
 def test_exif_orientation_is_applied(tmp_path):
     im = Image.new("RGB", (10, 4), "red")
     exif = Image.Exif()
@@ -44,9 +54,11 @@ def test_bad_files_give_reasons(tmp_path):
     data = good.read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "garbled.jpg").write_bytes(data[:200] + bytes(range(256)) * 4)
+    (tmp_path / "tail_cut.jpg").write_bytes(data[: len(data) - 300])  # libjpeg alone only warns
     assert check_image(tmp_path / "empty.jpg") == "empty file"
     assert check_image(tmp_path / "notes.jpg") == "not an image file"
     assert check_image(tmp_path / "cut.jpg") == "truncated image"
+    assert check_image(tmp_path / "tail_cut.jpg") == "truncated image"
     assert check_image(tmp_path / "garbled.jpg") is not None
     assert check_image(tmp_path / "missing.jpg").startswith("cannot read file")
     assert check_image(good) is None
