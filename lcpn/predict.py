@@ -207,8 +207,10 @@ class Cascade:
         return cls(tree, nodes)
 
     # --- routing ---------------------------------------------------------------------------------
-    def _evaluate(self, batch: Batch, probs: dict, requests: Iterable[tuple[int, str]]) -> None:
-        """Fill ``probs[(row, node)]`` for the requests not yet known, one model call per node."""
+    def node_probabilities(self, batch: Batch, probs: dict, requests: Iterable[tuple[int, str]]) -> None:
+        """Fill ``probs[(row, node)]`` for the requests not yet known, one model call per node.
+
+        Routing and evaluation share it, so no model runs twice on the same image."""
         by_node: dict[str, list[int]] = defaultdict(list)
         for row, node in requests:
             if (row, node) not in probs and row not in by_node[node]:
@@ -218,15 +220,11 @@ class Cascade:
                 for row, p in zip(rows, self.nodes[node].probs(batch, rows)):
                     probs[(row, node)] = p
 
-    def node_probabilities(self, batch: Batch, probs: dict, requests: Iterable[tuple[int, str]]) -> None:
-        """Public hook for evaluation: child probabilities of any (row, node), batched and cached."""
-        self._evaluate(batch, probs, requests)
-
     def _greedy(self, batch: Batch, probs: dict, rows: list[int]) -> dict[int, list[tuple[str, float]]]:
         paths: dict[int, list[tuple[str, float]]] = {r: [] for r in rows}
         frontier = {r: ROOT for r in rows}
         while frontier:
-            self._evaluate(batch, probs, frontier.items())
+            self.node_probabilities(batch, probs, frontier.items())
             nxt = {}
             for r, node in frontier.items():
                 p = probs[(r, node)]
@@ -260,7 +258,7 @@ class Cascade:
                         break
             if not requests:
                 return found
-            self._evaluate(batch, probs, requests)
+            self.node_probabilities(batch, probs, requests)
 
     def predict_batch(
         self, images: Sequence[Any], top_k: int = 1, decode: str = "greedy", min_confidence: float = 0.0,

@@ -208,7 +208,3 @@ def format_summary(summary: dict, tree: Hierarchy, out: Path, show: int = 10) ->
             ]
         )
     return "\n".join(lines)
-
-
-def load_tree(split_dir: str | Path) -> Hierarchy:
-    return Hierarchy.load(Path(split_dir) / "hierarchy.json")

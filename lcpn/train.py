@@ -348,12 +348,10 @@ def fit_node(data: NodeData, folder: Path, config: TrainConfig) -> NodeInfo:
 
     model.load_state_dict(state["best_state"])
     final = _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} final eval")
-    order = np.argsort(final["indices"])
+    seen = final["indices"]  # the val loader is not shuffled: rows in order, unreadable ones skipped
     outcome = Outcome(
-        classes=data.classes, paths=[val_rows[i][0] for i in np.array(final["indices"])[order]],
-        y_true=[val_rows[i][1] for i in np.array(final["indices"])[order]],
-        y_pred=list(np.array(final["preds"])[order]), confidence=list(np.array(final["confs"])[order]),
-        evaluated_on=evaluated_on,
+        classes=data.classes, paths=[val_rows[i][0] for i in seen], y_true=[val_rows[i][1] for i in seen],
+        y_pred=final["preds"], confidence=final["confs"], evaluated_on=evaluated_on,
     )  # fmt: skip
     info = finish_node(
         folder, data, config, {"data": dcfg.to_dict()},
