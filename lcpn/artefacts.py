@@ -158,10 +158,11 @@ class ProbabilityAverage(nn.Module):
 
 
 def build_head(info: NodeInfo, in_dim: int) -> nn.Sequential:
-    """The head that features mode trains on the shared backbone's embeddings:
-    ``Standardize`` then a linear layer, an MLP, or both averaged (``ensemble``)."""
+    """The head that features mode trains on the shared backbone's embeddings: ``Standardize``
+    then a linear layer, an MLP (or several, averaged), or both averaged (``ensemble``)."""
     n, kind = len(info.classes), info.head.get("type", "linear")
     dropout, hidden = float(info.head.get("dropout", 0.0)), int(info.head.get("hidden", 0))
+    members = int(info.head.get("members", 1))
 
     def linear() -> nn.Sequential:
         return nn.Sequential(nn.Linear(in_dim, n))
@@ -172,7 +173,11 @@ def build_head(info: NodeInfo, in_dim: int) -> nn.Sequential:
 
     if kind not in ("linear", "mlp", "ensemble"):
         raise ValueError(f"unknown head type '{kind}'")
-    body = {"linear": linear, "mlp": mlp}.get(kind) or (lambda: ProbabilityAverage([linear(), mlp()]))
+
+    def mlps() -> nn.Module:
+        return mlp() if members == 1 else ProbabilityAverage([mlp() for _ in range(members)])
+
+    body = {"linear": linear, "mlp": mlps}.get(kind) or (lambda: ProbabilityAverage([linear(), mlps()]))
     return nn.Sequential(Standardize(in_dim), body())
 
 

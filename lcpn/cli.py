@@ -205,6 +205,12 @@ def _default(name: str) -> str:
     help="features mode: the per-node head: a logistic regression, an MLP, or both averaged." + _default("head"),
 )
 @click.option(
+    "--mlp-members",
+    type=click.IntRange(min=1),
+    help="features mode: MLPs trained with different seeds and averaged in an mlp or ensemble head."
+    + _default("mlp_members"),
+)
+@click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda", "mps"]),
     help="Where to train; auto picks CUDA, then MPS, then the CPU." + _default("device"),
@@ -310,9 +316,9 @@ _precision_option = click.option(
     "supports it natively (see docs/benchmarks.md for the measured agreement with fp32).",
 )  # fmt: skip
 _decode_option = click.option(
-    "--decode", default="greedy", show_default=True, type=click.Choice(["greedy", "best-path"]),
-    help="greedy: the most probable child at each level; best-path: the full path with the highest "
-    "product of probabilities.",
+    "--decode", default="best-path", show_default=True, type=click.Choice(["best-path", "greedy"]),
+    help="best-path: the full path with the highest product of probabilities; greedy: the most probable "
+    "child at each level (the classic behaviour).",
 )  # fmt: skip
 _min_conf_option = click.option(
     "--min-confidence", default=0.0, show_default=True, type=click.FloatRange(0, 1),

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import fsio
 from .hierarchy import ROOT, ancestors, names_of
 from .metrics import NONE, prefix, summarize
-from .predict import Batch, Cascade, Prediction
+from .predict import DEFAULT_DECODE, Batch, Cascade, Prediction
 from .report import Outcome, confusion_plot, format_table
 from .sources import LabelledImage
 
@@ -28,7 +28,7 @@ class EvaluationResult:
 
 def evaluate(
     cascade: Cascade, items: list[LabelledImage], out: Path | None = None, batch_size: int = 32,
-    decode: str = "greedy", min_confidence: float = 0.0,
+    decode: str = DEFAULT_DECODE, min_confidence: float = 0.0,
 ) -> EvaluationResult:  # fmt: skip
     """Predict ``items``, compute ``metrics.json`` and, if ``out`` is given, write it with the plots."""
     tree = cascade.tree

@@ -6,8 +6,9 @@ group. Probabilities are cached per (image, node), so the greedy path, the best 
 alternatives and the evaluation's per-node checks never run a model twice on the same image.
 
 Decoding:
-- ``greedy`` follows the most probable child at each level (the classic LCPN behaviour);
-- ``best-path`` picks the full path with the highest product of probabilities.
+- ``best-path`` (the default) picks the full path with the highest product of probabilities; on
+  the catalogue benchmark it beats greedy routing in every head setting tried (docs/benchmarks.md);
+- ``greedy`` follows the most probable child at each level (the classic LCPN behaviour).
 Top-k paths come from an exact best-first search: a path's probability can only shrink as it goes
 deeper, so the first k leaves taken off a priority queue of partial paths are the k best paths.
 ``min_confidence`` cuts the decoded path at the first level below the root whose probability is
@@ -39,7 +40,8 @@ from .transforms import DataConfig, eval_transform
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("greedy", "best-path")
+DECODERS = ("best-path", "greedy")
+DEFAULT_DECODE = "best-path"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -261,7 +263,7 @@ class Cascade:
             self.node_probabilities(batch, probs, requests)
 
     def predict_batch(
-        self, images: Sequence[Any], top_k: int = 1, decode: str = "greedy", min_confidence: float = 0.0,
+        self, images: Sequence[Any], top_k: int = 1, decode: str = DEFAULT_DECODE, min_confidence: float = 0.0,
         batch: Batch | None = None, probs: dict | None = None,
     ) -> list[Prediction]:  # fmt: skip
         """Predict a batch of decoded images; ``batch``/``probs`` may be passed in to share caches."""
@@ -292,7 +294,7 @@ class Cascade:
         return out
 
     def predict_paths(
-        self, paths: Sequence[str | Path], batch_size: int = 32, top_k: int = 1, decode: str = "greedy",
+        self, paths: Sequence[str | Path], batch_size: int = 32, top_k: int = 1, decode: str = DEFAULT_DECODE,
         min_confidence: float = 0.0, workers: int | None = None,
         on_batch: Callable[[Batch, dict, list[int], list[Prediction]], None] | None = None,
     ) -> Iterator[Prediction]:  # fmt: skip

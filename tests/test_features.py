@@ -63,8 +63,10 @@ def test_embedding_cache_is_reused_and_invalidated(split, featured, tmp_path, mo
     train_nodes(split, tmp_path / "again", config, force=True)
     assert calls == []  # every embedding came from the cache
     train_nodes(split, tmp_path / "bigger", config.replace(image_size=48), force=True)
-    n_images = len({r["path"] for r in read_csv(split / "images.csv") if r["split"] != "test"})
-    assert sum(calls) == 2 * n_images  # a new image size misses the cache: each view embedded once
+    rows = read_csv(split / "images.csv")
+    n_train, n_val = (len({r["path"] for r in rows if r["split"] == s}) for s in ("train", "val"))
+    # a new image size misses the cache: plain + mirrored view of each train image, plain view of val
+    assert sum(calls) == 2 * n_train + n_val
     assert len(list((featured / "cache").glob("*.pt"))) == 2
 
 
@@ -105,12 +107,25 @@ def test_linear_head_keeps_its_regularisation_path(split, tmp_path):
     assert sum(h["best"] for h in info.history) == 1 and info.head["C"] in (0.01, 0.03, 0.1, 1.0)
 
 
-def test_mlp_head_trains_and_reloads(split, tmp_path):
+def test_mlp_head_is_a_bag_of_differently_seeded_mlps(split, tmp_path):
     models = tmp_path / "models"
-    train_nodes(split, models, features_config(tmp_path, head="mlp", head_epochs=3), nodes=["b"])
+    config = features_config(tmp_path, head="mlp", head_epochs=3, mlp_members=3)
+    train_nodes(split, models, config, nodes=["b"])
     loaded = artefacts.load_node(models / "b")
-    assert loaded.info.head["type"] == "mlp" and len(loaded.info.history) == 3
-    assert isinstance(loaded.network[1][-1], torch.nn.Linear) and loaded.network[1][-1].out_features == 2
+    assert loaded.info.head["type"] == "mlp" and loaded.info.head["members"] == 3 and len(loaded.info.history) == 3
+    members = loaded.network[1].branches
+    assert len(members) == 3 and all(m[-1].out_features == 2 for m in members)
+    assert not torch.equal(members[0][1].weight, members[1][1].weight)
+    x = torch.randn(5, members[0][1].in_features)
+    with torch.no_grad():
+        average = torch.stack([m(loaded.network[0](x)).softmax(1) for m in members]).mean(0)
+        assert torch.allclose(loaded.network(x).softmax(1), average, atol=1e-6)
+    assert "an average of 3 MLPs" in (models / "b" / "performance.txt").read_text()
+
+
+def test_a_head_without_members_is_one_mlp():
+    head = artefacts.build_head(NodeInfo(node="n", classes=["x", "y"], head={"type": "mlp", "hidden": 8}), 5)
+    assert isinstance(head[1], torch.nn.Sequential) and head[1][-1].out_features == 2
 
 
 def test_features_mode_refuses_no_pretrained(split, tmp_path):

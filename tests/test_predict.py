@@ -50,7 +50,7 @@ def cascade():
 
 
 def test_greedy_routing_groups_images_by_node(cascade):
-    preds = cascade.predict_batch([0, 1, 2, 3], top_k=0)
+    preds = cascade.predict_batch([0, 1, 2, 3], top_k=0, decode="greedy")
     assert [p.path for p in preds] == [["a", "x", "q"], ["a", "x", "p"], ["c", "only"], ["b", "v"]]
     assert preds[0].confidences == pytest.approx([0.9, 0.8, 0.7])
     assert preds[0].path_probability == pytest.approx(0.9 * 0.8 * 0.7)
@@ -83,13 +83,15 @@ def test_top_k_is_exact_and_ordered(cascade):
 
 
 def test_min_confidence_stops_early_but_keeps_the_root(cascade):
-    preds = cascade.predict_batch([0, 1, 3], top_k=0, min_confidence=0.75)
+    preds = cascade.predict_batch([0, 1, 3], top_k=0, decode="greedy", min_confidence=0.75)
     assert preds[0].path == ["a", "x"] and preds[0].stopped_early  # q has 0.7
     assert preds[1].path == ["a", "x"] and preds[1].stopped_early  # root 0.6 kept; x 0.9; p 0.5 cut
     assert preds[2].path == ["b"] and preds[2].stopped_early and preds[2].confidences == [pytest.approx(0.7)]
     assert preds[2].path_probability == pytest.approx(0.7)
     full = cascade.predict_batch([0], top_k=0, min_confidence=0.0)[0]
     assert not full.stopped_early
+    best = cascade.predict_batch([1], top_k=0, min_confidence=0.75)[0]  # the default decoder: best path
+    assert best.path == ["b", "u"] and best.confidences == pytest.approx([0.4, 0.95]) and not best.stopped_early
 
 
 @pytest.mark.parametrize("decode", ["greedy", "best-path"])

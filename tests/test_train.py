@@ -182,6 +182,9 @@ def test_config_file_is_read_and_flags_override_it(split, tmp_path):
     (tmp_path / "bad.toml").write_text("epochz = 3\n")
     bad = run("train", "--data", split, "--config", tmp_path / "bad.toml")
     assert bad.exit_code == 2 and "unknown option(s) epochz" in bad.output
+    (tmp_path / "zero.toml").write_text("mlp-members = 0\n")
+    zero = run("train", "--data", split, "--config", tmp_path / "zero.toml")
+    assert zero.exit_code == 2 and "mlp_members must be at least 1" in zero.output
 
 
 def test_resume_after_kill_continues_from_last_finished_epoch(split, tmp_path):
