@@ -202,7 +202,25 @@ def _default(name: str) -> str:
 @click.option(
     "--head",
     type=click.Choice(["linear", "mlp", "ensemble"]),
-    help="features mode: the per-node head: a logistic regression, an MLP, or both averaged." + _default("head"),
+    help="features mode: the per-node head: a logistic regression, a bag of MLPs (--mlp-members), or both "
+    "averaged." + _default("head"),
+)
+@click.option(
+    "--views",
+    type=click.IntRange(min=1),
+    help="features mode: embeddings per training image: 1 plain, 2 adds its mirror image, 3+ add "
+    "random crops (val images and prediction use the plain view)." + _default("views"),
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    help="features mode: the backbone's precision when embedding; auto uses bf16 autocast where the "
+    "device supports it (part of the embedding cache's key)." + _default("precision"),
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="features mode: the embedding cache folder [default: <data>/embeddings].",
 )
 @click.option(
     "--mlp-members",
@@ -239,7 +257,8 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
 
     try:
         file_options = read_config_file(config_file) if config_file else {}
-        options["weights"] = str(options["weights"]) if options["weights"] else None
+        for name in ("weights", "cache"):
+            options[name] = str(options[name]) if options[name] else None
         config = make_config(file_options, options)
         from .backbones import spec
 

@@ -133,3 +133,20 @@ def test_features_mode_refuses_no_pretrained(split, tmp_path):
 
     with pytest.raises(TrainError, match="needs a pretrained backbone"):
         train_nodes(split, tmp_path / "m", features_config(tmp_path, pretrained=False))
+
+
+def test_features_flags_of_lcpn_train_reach_the_node(split, tmp_path):
+    from click.testing import CliRunner
+
+    from lcpn.cli import main
+
+    cache = tmp_path / "my-cache"
+    args = ["train", "--data", split, "--out", tmp_path / "m", "--node", "b", "--mode", "features",
+            "--backbone", "efficientnet-lite0", "--image-size", "32", "--workers", "0", "--device", "cpu",
+            "--head", "mlp", "--mlp-members", "2", "--views", "1", "--precision", "fp32", "--cache", cache]  # fmt: skip
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    info = artefacts.read_info(tmp_path / "m" / "b")
+    assert (info.config["views"], info.config["precision"], info.head["members"]) == (1, "fp32", 2)
+    assert len(list(cache.glob("efficientnet-lite0-32px-*.pt"))) == 1
+    assert not artefacts.read_info(tmp_path / "m" / "backbone").config["bf16"]
