@@ -120,7 +120,13 @@ def test_mlp_head_is_a_bag_of_differently_seeded_mlps(split, tmp_path):
     with torch.no_grad():
         average = torch.stack([m(loaded.network[0](x)).softmax(1) for m in members]).mean(0)
         assert torch.allclose(loaded.network(x).softmax(1), average, atol=1e-6)
-    assert "an average of 3 MLPs" in (models / "b" / "performance.txt").read_text()
+    best_epoch = max(h["epoch"] for h in loaded.info.history if h["best"])
+    report = (models / "b" / "performance.txt").read_text()
+    assert f"an average of 3 MLPs: the figures are the first one's (train alone, best epoch {best_epoch})" in report
+    assert f"the other 2 trained on train + val for {best_epoch} epochs" in report
+    train_nodes(split, tmp_path / "no-refit", config.replace(refit=False), nodes=["b"])
+    report = (tmp_path / "no-refit" / "b" / "performance.txt").read_text()
+    assert "an average of 3 MLPs (val accuracy " in report and "train + val" not in report
 
 
 def test_a_head_without_members_is_one_mlp():
