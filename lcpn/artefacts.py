@@ -163,6 +163,8 @@ def build_head(info: NodeInfo, in_dim: int) -> nn.Sequential:
     n, kind = len(info.classes), info.head.get("type", "linear")
     dropout, hidden = float(info.head.get("dropout", 0.0)), int(info.head.get("hidden", 0))
     members = int(info.head.get("members", 1))
+    if kind not in ("linear", "mlp", "ensemble"):
+        raise ValueError(f"unknown head type '{kind}'")
 
     def linear() -> nn.Sequential:
         return nn.Sequential(nn.Linear(in_dim, n))
@@ -170,9 +172,6 @@ def build_head(info: NodeInfo, in_dim: int) -> nn.Sequential:
     def mlp() -> nn.Sequential:
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
                              nn.Linear(hidden, n))  # fmt: skip
-
-    if kind not in ("linear", "mlp", "ensemble"):
-        raise ValueError(f"unknown head type '{kind}'")
 
     def mlps() -> nn.Module:
         return mlp() if members == 1 else ProbabilityAverage([mlp() for _ in range(members)])

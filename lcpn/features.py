@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 SAVE_EVERY = 1024  # images embedded between cache saves, so a killed run loses little
 MLP_HIDDEN = 256  # as accurate as 512 on the catalogue benchmark, and faster to train
-MLP_BATCH = 128
+MLP_BATCH = 128  # 256 was slower per epoch on a 2-core CPU (docs/benchmarks.md)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -316,24 +316,22 @@ def _fit_mlps(
     history, proba = _fit_mlp(members[0], hd, n_classes, config, config.seed)
     if len(members) == 1:
         return history, proba, "an MLP"
-    if config.refit and hd.evaluated_on == "val":
-        best_epoch = max(h["epoch"] for h in history if h["best"])
-        pooled = dataclasses.replace(
+    refit = config.refit and hd.evaluated_on == "val"
+    best_epoch = max(h["epoch"] for h in history if h["best"])
+    rest_data = hd
+    if refit:
+        rest_data = dataclasses.replace(
             hd, x_train=torch.cat([hd.x_train, hd.x_val]), y_train=torch.cat([hd.y_train, hd.y_val])
         )
-        for i, member in enumerate(members[1:], start=1):
-            _fit_mlp(member, pooled, n_classes, config, config.seed + i, epochs=best_epoch)
-        return (
-            history,
-            proba,
-            (
-                f"{len(members)} MLPs: the figures are the first one's (train alone, best epoch {best_epoch}); "
-                f"the other {len(members) - 1} trained on train + val for {best_epoch} epochs"
-            ),
-        )
     runs = [(history, proba)] + [
-        _fit_mlp(m, hd, n_classes, config, config.seed + i) for i, m in enumerate(members[1:], start=1)
+        _fit_mlp(m, rest_data, n_classes, config, config.seed + i, epochs=best_epoch if refit else None)
+        for i, m in enumerate(members[1:], start=1)
     ]
+    if refit:
+        return history, proba, (
+            f"{len(members)} MLPs: the figures are the first one's (train alone, best epoch {best_epoch}); "
+            f"the other {len(members) - 1} trained on train + val for {best_epoch} epochs"
+        )  # fmt: skip
     accs = ", ".join(f"{max(h['val_acc'] for h in hist):.4f}" for hist, _ in runs)
     proba = torch.stack([p for _, p in runs]).mean(0)
     return history, proba, f"{len(runs)} MLPs (val accuracy {accs}; the curves are the first one's)"
