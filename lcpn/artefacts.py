@@ -180,10 +180,16 @@ def build_head(info: NodeInfo, in_dim: int) -> nn.Sequential:
     return nn.Sequential(Standardize(in_dim), body())
 
 
+def head_in_features(info: NodeInfo) -> int:
+    """The embedding size a features-mode head reads."""
+    # Heads from before stage features do not record it: they read the backbone's final features.
+    return int(info.head.get("in_features", backbones.spec(info.backbone).feature_dim))
+
+
 def build_network(info: NodeInfo) -> nn.Module:
     """Rebuild the node's network from ``node.json`` alone (weights are loaded separately)."""
     if info.mode == "features":
-        return build_head(info, backbones.spec(info.backbone).feature_dim)
+        return build_head(info, head_in_features(info))
     return backbones.build(info.backbone, len(info.classes))
 
 

@@ -206,6 +206,12 @@ def _default(name: str) -> str:
     "averaged." + _default("head"),
 )
 @click.option(
+    "--stage-features",
+    type=click.IntRange(min=0),
+    help="features mode: append the pooled outputs of the backbone's last N stages to its final features "
+    "(0: the final features only; same single pass)." + _default("stage_features"),
+)
+@click.option(
     "--views",
     type=click.IntRange(min=1),
     help="features mode: embeddings per training image: 1 plain, 2 adds its mirror image, 3+ add "

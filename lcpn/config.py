@@ -44,6 +44,7 @@ class TrainConfig:
     head_epochs: int = 25  # features mode, mlp head: epochs over the cached embeddings
     mlp_members: int = 3  # features mode: MLPs (different seeds) averaged in an mlp or ensemble head
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
+    stage_features: int = 2  # features mode: pooled outputs of the backbone's last N stages join the embedding
     views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
     precision: str = "auto"  # features mode: backbone precision; auto uses bf16 where the device supports it
     cache: str | None = None  # features mode: embedding cache folder [default: <split>/embeddings]
@@ -91,6 +92,8 @@ def make_config(file_options: dict[str, Any], cli_options: dict[str, Any]) -> Tr
         raise ValueError(f"unknown precision '{config.precision}'; choose auto, bf16 or fp32")
     if config.head not in ("linear", "mlp", "ensemble"):
         raise ValueError(f"unknown head '{config.head}'; choose linear, mlp or ensemble")
+    if config.stage_features < 0:
+        raise ValueError(f"stage_features must be 0 or more, not {config.stage_features}")
     if config.mlp_members < 1:
         raise ValueError(f"mlp_members must be at least 1, not {config.mlp_members}")
     return config

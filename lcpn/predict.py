@@ -115,7 +115,8 @@ class NetworkNode:
 class SharedBackbone:
     """The frozen backbone that features-mode heads share: one pass per image, cached."""
 
-    network: torch.nn.Module
+    name: str
+    embedder: backbones.Embedder
     data: DataConfig
     runtime: Runtime
 
@@ -123,7 +124,7 @@ class SharedBackbone:
         self.transform = eval_transform(self.data)
 
     def embed(self, images: list[Any]) -> torch.Tensor:
-        return self.runtime.run(self.network, torch.stack([self.transform(im) for im in images])).cpu()
+        return self.runtime.run(self.embedder, torch.stack([self.transform(im) for im in images])).cpu()
 
 
 @dataclass
@@ -201,6 +202,7 @@ class Cascade:
                 nodes[node] = ConstantNode(info.classes)
             elif info.mode == "features":
                 shared = shared or load_shared_backbone(models, runtime)
+                _check_head_fits(node, info, shared, models)
                 nodes[node] = HeadNode(info.classes, loaded.network.to("cpu"), shared)
             else:
                 network = loaded.network.to(runtime.device, memory_format=torch.channels_last)
@@ -331,14 +333,31 @@ def _open(path: str) -> Image.Image | str:
         return str(exc)
 
 
+def _check_head_fits(node: str, info: artefacts.NodeInfo, shared: SharedBackbone, models: Path) -> None:
+    """A head trained on another embedding (``lcpn train --node`` with other options) must not load."""
+    trained_on = (info.backbone, artefacts.data_config(info).image_size, artefacts.head_in_features(info))
+    given = (shared.name, shared.data.image_size, shared.embedder.dim)
+    if trained_on != given:
+        raise ArtefactError(
+            f"the head of node '{node or 'root'}' was trained on {_describe(*trained_on)} embeddings, but "
+            f"{models / 'backbone'} gives {_describe(*given)} ones; retrain that node with the others' options"
+        )
+
+
+def _describe(backbone: str, size: int, dim: int) -> str:
+    return f"{backbone} {size} px {dim}-feature"
+
+
 def load_shared_backbone(models: Path, runtime: Runtime) -> SharedBackbone:
     """The frozen backbone stored once in ``<models>/backbone/`` for features-mode heads."""
     folder = models / "backbone"
     info = artefacts.read_info(folder)
     network = backbones.build(info.backbone, 0)
     network.load_state_dict(artefacts.load_state(folder / artefacts.MODEL))
-    network.eval().to(runtime.device, memory_format=torch.channels_last)
-    return SharedBackbone(network, artefacts.data_config(info), runtime)
+    # Model folders from before stage features have no "stage_features": their heads read the final features.
+    embedder = backbones.Embedder(network, int(info.config.get("stage_features", 0)))
+    embedder.eval().to(runtime.device, memory_format=torch.channels_last)
+    return SharedBackbone(info.backbone, embedder, artefacts.data_config(info), runtime)
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[str]:

@@ -44,16 +44,15 @@ import torch
 
 from lcpn import artefacts, backbones, fsio
 from lcpn.config import TrainConfig
-from lcpn.devices import want_bf16
 from lcpn.evaluate import evaluate, split_test_items
-from lcpn.features import EmbeddingCache, embed_images, file_sha256, fit_head, head_spec
+from lcpn.features import EmbeddingCache, embed_images, fit_head, head_spec, open_backbone
 from lcpn.hierarchy import Hierarchy, names_of
 from lcpn.metrics import hierarchical_prf, level_scores, path_accuracy
-from lcpn.predict import DEFAULT_DECODE, Cascade, HeadNode, Runtime, SharedBackbone
+from lcpn.predict import DEFAULT_DECODE, Cascade, HeadNode
 from lcpn.prepare import prepare
 from lcpn.report import format_table
 from lcpn.sources import scan_csv, scan_tree
-from lcpn.train import NodeData, data_config_for, train_nodes
+from lcpn.train import NodeData, train_nodes
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-products-9k"
@@ -94,9 +93,9 @@ def flat_baseline(split: Path, tree: Hierarchy, feats: dict, test: list, config:
     rows = fsio.read_csv(split / "images.csv")
     by_split = {s: [(r["path"], index[r["leaf"]]) for r in rows if r["split"] == s] for s in ("train", "val")}
     data = NodeData("", leaves, by_split["train"], by_split["val"], "")
-    stub = artefacts.NodeInfo(node="", classes=leaves, mode="features", head=head_spec(config))
+    stub = artefacts.NodeInfo(node="", classes=leaves, mode="features", head=head_spec(config, dim))
     t0 = time.perf_counter()
-    head, _, _ = fit_head(data, feats, stub, config, dim)
+    head, _, _ = fit_head(data, feats, stub, config)
     seconds = time.perf_counter() - t0
     x = torch.stack([feats[p][0] for p, _ in test]).float()
     with torch.no_grad():
@@ -216,14 +215,11 @@ def main() -> None:
     test = [(it.path, it.leaf) for it in test_items]
     test_paths = [p for p, _ in test]
 
-    config = TrainConfig(mode="features", backbone=BACKBONE, head=args.head, cache=str(work / "embeddings"))
+    config = TrainConfig(mode="features", backbone=BACKBONE, head=args.head, device="cpu",
+                         cache=str(work / "embeddings"))  # fmt: skip
     models = split.with_name(split.name + "-features")
     log("embed every image once: the cache that features mode and the baselines train from")
-    runtime = Runtime(torch.device("cpu"), want_bf16(config.precision, torch.device("cpu")))
-    network = backbones.create(BACKBONE, 0).eval().to(memory_format=torch.channels_last)
-    backbone = SharedBackbone(network, data_config_for(config), runtime)
-    key = {"backbone": BACKBONE, "image_size": backbone.data.image_size,
-           "weights": file_sha256(backbones.pretrained_path(BACKBONE))[:16], "bf16": runtime.bf16}  # fmt: skip
+    backbone, key = open_backbone(config)
     views = {r["path"]: config.views if r["split"] == "train" else 1 for r in fsio.read_csv(split / "images.csv")}
     t0 = time.perf_counter()
     feats = embed_images(list(views), backbone, EmbeddingCache(work / "embeddings", key), views, BATCH)
@@ -243,7 +239,7 @@ def main() -> None:
 
     log("baselines on the same embeddings")
     backbone = next(n for n in cascade.nodes.values() if isinstance(n, HeadNode)).backbone
-    dim = backbones.spec(BACKBONE).feature_dim
+    dim = backbone.embedder.dim
     y_flat, flat_head, flat_seconds = flat_baseline(split, tree, feats, test, config, dim)
     y_hiclass = hiclass_baseline(split, tree, feats, test)
     truth = [leaf for _, leaf in test]
@@ -321,7 +317,13 @@ def main() -> None:
             "torch": torch.__version__,
             "processor": platform.processor(),
         },  # fmt: skip
-        "config": {"backbone": BACKBONE, "head": head_spec(config), "batch_size": BATCH, "views": config.views},
+        "config": {
+            "backbone": BACKBONE,
+            "head": head_spec(config, dim),
+            "batch_size": BATCH,
+            "views": config.views,
+            "stage_features": config.stage_features,
+        },  # fmt: skip
         "wall_seconds": time.perf_counter() - started,
     }
     fsio.write_json(args.out, bench)

@@ -3,8 +3,8 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from lcpn import artefacts
-from lcpn.artefacts import NodeInfo
+from lcpn import artefacts, backbones
+from lcpn.artefacts import ArtefactError, NodeInfo
 from lcpn.config import TrainConfig
 from lcpn.features import _load_linear
 from lcpn.fsio import read_csv
@@ -36,16 +36,43 @@ def test_features_mode_writes_the_usual_layout_and_one_backbone(featured):
     models = featured / "models"
     backbone = artefacts.read_info(models / "backbone")
     assert backbone.kind == "backbone" and backbone.backbone == "efficientnet-lite0"
+    assert backbone.config["stage_features"] == 2
     assert (models / "backbone" / "model.pth").stat().st_size > 1_000_000
     for folder in ("parent", "a", "b", "a/x"):
         info = artefacts.read_info(models / folder)
         assert info.mode == "features" and info.head["type"] == "ensemble" and "C" in info.head
+        assert info.head["in_features"] == 192 + 320 + 1280  # Lite0's last two stages, then its final features
         assert (models / folder / "model.pth").stat().st_size < 10_000_000  # heads, not a network
         for plot in ("confusion_matrix.png", "class_plot.png", "error_plot.png", "wrong_plot.png"):
             assert (models / folder / plot).is_file()
         assert sum(h["best"] for h in info.history) >= 1
         assert "logistic regression" in (models / folder / "performance.txt").read_text()
     assert artefacts.read_info(models / "c").kind == "constant"
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-b0"])
+def test_embedder_appends_the_last_stages_to_the_final_features(name):
+    network = backbones.build(name, 0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = {}  # the outputs of the two stages' last blocks, seen by the network's own forward pass
+
+    def keep(i):
+        def hook(_module, _inputs, out):
+            seen.setdefault(i, out.mean((2, 3)))
+
+        return hook
+
+    for i in (14, 15):
+        network._blocks[i].register_forward_hook(keep(i))
+    with torch.no_grad():
+        final = network(x)
+        plain, staged = backbones.Embedder(network, 0)(x), backbones.Embedder(network, 2)(x)
+    assert torch.allclose(plain, final, atol=1e-5)  # stage_features=0 is the network's own output
+    assert staged.shape == (2, 192 + 320 + 1280) == (2, backbones.Embedder(network, 2).dim)
+    expected = torch.cat([seen[14], seen[15], final], 1)
+    assert torch.allclose(staged, expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="has 7 stages"):
+        backbones.Embedder(network, 8)
 
 
 def test_embedding_cache_is_reused_and_invalidated(split, featured, tmp_path, monkeypatch):
@@ -68,6 +95,9 @@ def test_embedding_cache_is_reused_and_invalidated(split, featured, tmp_path, mo
     # a new image size misses the cache: plain + mirrored view of each train image, plain view of val
     assert sum(calls) == 2 * n_train + n_val
     assert len(list((featured / "cache").glob("*.pt"))) == 2
+    calls.clear()
+    train_nodes(split, tmp_path / "fewer-stages", config.replace(stage_features=1), force=True)
+    assert sum(calls) == 2 * n_train + n_val  # another embedding: another cache file
 
 
 def test_features_cascade_runs_the_backbone_once_per_image(featured, split, monkeypatch):
@@ -149,10 +179,43 @@ def test_features_flags_of_lcpn_train_reach_the_node(split, tmp_path):
     cache = tmp_path / "my-cache"
     args = ["train", "--data", split, "--out", tmp_path / "m", "--node", "b", "--mode", "features",
             "--backbone", "efficientnet-lite0", "--image-size", "32", "--workers", "0", "--device", "cpu",
-            "--head", "mlp", "--mlp-members", "2", "--views", "1", "--precision", "fp32", "--cache", cache]  # fmt: skip
+            "--head", "mlp", "--mlp-members", "2", "--views", "1", "--precision", "fp32", "--cache", cache,
+            "--stage-features", "1"]  # fmt: skip
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     info = artefacts.read_info(tmp_path / "m" / "b")
     assert (info.config["views"], info.config["precision"], info.head["members"]) == (1, "fp32", 2)
+    assert (info.config["stage_features"], info.head["in_features"]) == (1, 320 + 1280)
     assert len(list(cache.glob("efficientnet-lite0-32px-*.pt"))) == 1
     assert not artefacts.read_info(tmp_path / "m" / "backbone").config["bf16"]
+
+
+def test_a_head_trained_on_another_embedding_does_not_load(featured, split, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(featured / "models", models)
+    train_nodes(split, models, features_config(featured, stage_features=0), nodes=["b"], force=True)
+    assert artefacts.read_info(models / "b").head["in_features"] == 1280
+    with pytest.raises(
+        ArtefactError, match="node 'root' was trained on efficientnet-lite0 32 px 1792-feature embeddings"
+    ):
+        Cascade.load(models, "cpu")
+
+
+def test_model_folders_from_before_stage_features_still_load(featured, split, tmp_path):
+    """Older folders record neither stage_features nor in_features: final features, 1,280 of them."""
+    import json
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(featured / "models", models)
+    train_nodes(split, models, features_config(featured, stage_features=0), force=True)
+    for json_file in models.rglob("node.json"):
+        data = json.loads(json_file.read_text())
+        data.get("head", {}).pop("in_features", None)
+        data.get("config", {}).pop("stage_features", None)
+        json_file.write_text(json.dumps(data))
+    paths = [r["path"] for r in read_csv(split / "test.csv")]
+    preds = list(Cascade.load(models, "cpu").predict_paths(paths, batch_size=4))
+    assert all(p.error is None and p.path for p in preds)
