@@ -253,7 +253,9 @@ def _fit_linear(
     is recorded in ``spec["C"]``. With ``refit`` that C is fit once more on train + val;
     the history and the returned val probabilities are those of the train-only fit. Each fit of
     the grid starts from the previous solution (the grid ascends in C), which halves the solver's
-    work.
+    work, and the refit starts from the chosen C's solution: 4x faster than from zero on the
+    largest node, with an objective within 0.03% of the cold refit's (L-BFGS stops at a tolerance
+    either way; test accuracy moved by 0-2 images, docs/benchmarks.md).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
@@ -278,9 +280,7 @@ def _fit_linear(
     note = ""
     if config.refit and hd.evaluated_on == "val":
         note = "figures from the fit on train alone; the saved logistic regression was refit on train + val"
-        # From zero, not from the train-only solution: L-BFGS stops at a tolerance, so a warm start
-        # ends near the old solution (2 test images worse on the catalogue's 2-level split).
-        clf = LogisticRegression(max_iter=3000, C=entry["C"]).fit(np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+        clf.fit(np.concatenate([xt, xv]), np.concatenate([yt, yv]))
     _load_linear(layer, clf, n_classes)
     return history, torch.as_tensor(pv, dtype=torch.float32), note
 
