@@ -159,8 +159,8 @@ class Embedder(nn.Module):
 
     Why the stages: the final 1x1 convolution is tuned to ImageNet's classes; the stages before it
     keep shape and texture detail that separates look-alike products (flip-flops from sandals,
-    headbands from wallets). On the catalogue benchmark two stages add 0.4 points of path accuracy
-    at 2 levels and 1.5 at 3 (docs/benchmarks.md), for 512 more dimensions and no extra pass.
+    clutches from wallets). On the catalogue benchmark two stages add 0.4 points of path accuracy
+    at 2 levels and 1.3 at 3 (docs/benchmarks.md), for 512 more dimensions and no extra pass.
     """
 
     def __init__(self, network: nn.Module, stages: int = 0) -> None:
