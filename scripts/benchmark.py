@@ -51,7 +51,7 @@ from lcpn.metrics import hierarchical_prf, level_scores, path_accuracy
 from lcpn.predict import DEFAULT_DECODE, Cascade, HeadNode
 from lcpn.prepare import prepare
 from lcpn.report import format_table
-from lcpn.sources import scan_csv, scan_tree
+from lcpn.sources import SourceError, scan_csv, scan_tree
 from lcpn.train import NodeData, train_nodes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -200,15 +200,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench.json")
     parser.add_argument("--head", default=TrainConfig.head, choices=["linear", "mlp", "ensemble"])
     args = parser.parse_args()
+    if args.csv and not args.levels:
+        parser.error("--csv needs --levels (the label columns, top level first)")
     started = time.perf_counter()
     work = args.workdir
     split = work / ("split_" + ("csv_" + args.levels.replace(",", "-") if args.csv else "folders"))
 
     log(f"prepare {args.data}")
-    if args.csv:
-        items, excluded = scan_csv(args.csv, args.levels.split(","), "path", args.data)
-    else:
-        items, excluded = scan_tree(args.data)
+    try:
+        if args.csv:
+            items, excluded = scan_csv(args.csv, args.levels.split(","), "path", args.data)
+        else:
+            items, excluded = scan_tree(args.data)
+    except SourceError as exc:
+        parser.error(str(exc))
     prepare(items, excluded, split, str(args.data))
     tree = Hierarchy.load(split / "hierarchy.json")
     test_items = split_test_items(split)
