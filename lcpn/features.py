@@ -419,9 +419,9 @@ def open_backbone(config: TrainConfig) -> tuple[SharedBackbone, dict]:
     return backbone, key
 
 
-def save_backbone(folder: Path, backbone: SharedBackbone, config: TrainConfig, cache_key: dict) -> None:
+def save_backbone(folder: Path, backbone: SharedBackbone, cache_key: dict) -> None:
     info = NodeInfo(node="(shared backbone)", classes=[], kind="backbone", mode="features",
-                    backbone=config.backbone, data=backbone.data.to_dict(),
+                    backbone=backbone.name, data=backbone.data.to_dict(),
                     config={"weights_id": cache_key["weights"], "bf16": backbone.runtime.bf16,
                             "stage_features": backbone.embedder.stages})  # fmt: skip
     artefacts.save_node(folder, info, backbone.embedder.network.state_dict(), eval_transform(backbone.data),
@@ -435,7 +435,7 @@ def train_features(
     if not config.pretrained and config.weights is None:
         raise TrainError("features mode needs a pretrained backbone; drop --no-pretrained or use --mode finetune")
     backbone, key = open_backbone(config)
-    save_backbone(out / "backbone", backbone, config, key)
+    save_backbone(out / "backbone", backbone, key)
 
     nodes = [load_node_data(split_dir, tree, n) for n in chosen]
     trained = [d for d in nodes if len(d.classes) > 1]

@@ -328,7 +328,7 @@ def main() -> None:
             "batch_size": BATCH,
             "views": config.views,
             "stage_features": config.stage_features,
-        },  # fmt: skip
+        },
         "wall_seconds": time.perf_counter() - started,
     }
     fsio.write_json(args.out, bench)
