@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import backbones, fsio
+from .errors import LcpnError
 from .transforms import DataConfig
 
 NODE_JSON = "node.json"
@@ -50,7 +51,7 @@ ALLOWED_GLOBALS = {
 }  # fmt: skip
 
 
-class ArtefactError(Exception):
+class ArtefactError(LcpnError):
     """A model folder that cannot be loaded; the message says which file and why."""
 
 

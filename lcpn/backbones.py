@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import LcpnError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(Exception):
+class WeightsError(LcpnError):
     """Pretrained weights were asked for and cannot be had; the message names the options."""
 
 

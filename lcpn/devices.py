@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .errors import LcpnError
 
-class DeviceError(ValueError):
+
+class DeviceError(LcpnError, ValueError):
     """The asked-for device is not available here."""
 
 

@@ -37,8 +37,8 @@ from .config import TrainConfig
 from .devices import resolve_device, want_bf16
 from .hierarchy import Hierarchy
 from .images import ImageError, open_rgb
-from .predict import Runtime, SharedBackbone
 from .report import Outcome
+from .runtime import Runtime, SharedBackbone
 from .train import (
     NodeData,
     NodeResult,

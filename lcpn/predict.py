@@ -17,7 +17,6 @@ below the threshold (``stopped_early``); the root's decision is always kept.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import logging
 import os
@@ -36,7 +35,8 @@ from .artefacts import ArtefactError
 from .devices import resolve_device, want_bf16
 from .hierarchy import ROOT, Hierarchy, names_of
 from .images import ImageError, open_rgb
-from .transforms import DataConfig, eval_transform
+from .runtime import Runtime, SharedBackbone
+from .transforms import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +69,6 @@ class NodeModel(Protocol):
 
 
 @dataclass
-class Runtime:
-    """Where and how the networks run: device, and bf16 autocast (CPU/CUDA) when asked for."""
-
-    device: torch.device
-    bf16: bool = False
-
-    def autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    def run(self, network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self.autocast():
-            return network(x).float()
-
-
-@dataclass
 class ConstantNode:
     classes: list[str]
 
@@ -109,22 +89,6 @@ class NetworkNode:
     def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         x = batch.inputs(("pixels", self.data), rows, lambda ims: torch.stack([self.transform(im) for im in ims]))
         return self.runtime.run(self.network, x).softmax(1).cpu()
-
-
-@dataclass
-class SharedBackbone:
-    """The frozen backbone that features-mode heads share: one pass per image, cached."""
-
-    name: str
-    embedder: backbones.Embedder
-    data: DataConfig
-    runtime: Runtime
-
-    def __post_init__(self) -> None:
-        self.transform = eval_transform(self.data)
-
-    def embed(self, images: list[Any]) -> torch.Tensor:
-        return self.runtime.run(self.embedder, torch.stack([self.transform(im) for im in images])).cpu()
 
 
 @dataclass

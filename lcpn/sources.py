@@ -14,11 +14,12 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LcpnError
 from .hierarchy import SEP, node_id
 from .images import is_hidden
 
 
-class SourceError(Exception):
+class SourceError(LcpnError):
     """The source as a whole cannot be used (missing, empty, malformed); the message says why."""
 
 

@@ -38,6 +38,7 @@ from . import __version__, artefacts, backbones, fsio
 from .artefacts import CHECKPOINT, NodeInfo
 from .config import TrainConfig
 from .devices import resolve_device
+from .errors import LcpnError
 from .hierarchy import Hierarchy, names_of
 from .images import ImageError, open_rgb
 from .report import Outcome, write_node_report
@@ -46,7 +47,7 @@ from .transforms import DataConfig, eval_transform, inv_normalize, train_transfo
 log = logging.getLogger(__name__)
 
 
-class TrainError(Exception):
+class TrainError(LcpnError):
     """Training cannot start or go on; the message says why in a sentence."""
 
 
