@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from .hierarchy import ancestors, depth_of, names_of, node_id, tree_distance
 
@@ -40,6 +40,23 @@ def level_scores(y_true: Sequence[str], y_pred: Sequence[str]) -> list[dict]:
             "macro_f1": float(f1_score(truth, pred, labels=sorted(set(truth)), average="macro", zero_division=0)),
         })  # fmt: skip
     return out
+
+
+def leaf_scores(y_true: Sequence[str], y_pred: Sequence[str], leaves: Sequence[str]) -> list[dict]:
+    """Precision, recall, F1 and support of every leaf that is a true or a predicted label, by leaf.
+
+    A prediction that stopped above the leaves counts against the true leaf's recall only. A leaf
+    never predicted has precision 0 (not undefined), one never true has recall 0.
+    """
+    seen = set(y_true) | set(y_pred)
+    labels = [leaf for leaf in sorted(leaves) if leaf in seen]
+    if not labels:
+        return []
+    p, r, f, n = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return [
+        {"leaf": leaf, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(n[i])}
+        for i, leaf in enumerate(labels)
+    ]
 
 
 def hierarchical_prf(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:

@@ -6,6 +6,7 @@ from lcpn.metrics import (
     error_propagation,
     first_mistake_depth,
     hierarchical_prf,
+    leaf_scores,
     level_scores,
     mistake_severity,
     path_accuracy,
@@ -90,3 +91,17 @@ def test_summarize_layout():
     m = summarize(TRUE, PRED, {}, ["", "a"])
     assert set(m) == {"n_images", "levels", "path_accuracy", "hierarchical", "mistake_severity", "error_propagation"}
     assert m["error_propagation"]["began_above_last_level"] == pytest.approx(2 / 4)
+
+
+@pytest.mark.filterwarnings("error::sklearn.exceptions.UndefinedMetricWarning")
+def test_leaf_scores_by_hand():
+    leaves = ["a/x/p", "a/x/q", "a/y", "b/x", "b/z", "c/never"]
+    scores = {s["leaf"]: s for s in leaf_scores(TRUE, PRED, leaves)}
+    assert list(scores) == ["a/x/p", "a/x/q", "a/y", "b/x", "b/z"]  # c/never is neither true nor predicted
+    # a/x/p: predicted twice, right once; true once
+    assert scores["a/x/p"] == {"leaf": "a/x/p", "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3),
+                               "support": 1}  # fmt: skip
+    # a/x/q: predicted once (for b/x), never right; b/z: the prediction stopped at b
+    assert scores["a/x/q"]["precision"] == 0.0 and scores["a/x/q"]["recall"] == 0.0
+    assert scores["b/z"] == {"leaf": "b/z", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert leaf_scores([], [], leaves) == []
