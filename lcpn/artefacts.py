@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,24 +216,59 @@ def load_node(folder: str | Path, map_location: str | torch.device = "cpu") -> L
         network = build_network(info)
     except (ValueError, KeyError) as exc:
         raise ArtefactError(f"'{folder / NODE_JSON}' names an unusable network ({exc})") from None
-    state = load_state(folder / MODEL, map_location)
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ArtefactError(f"'{folder / MODEL}' does not fit the network in {NODE_JSON} ({first})") from None
+    load_weights(network, folder / MODEL, map_location)
     network.eval()
     transforms = safe_unpickle(folder / TEST_TRANSFORMS) if info.mode == "finetune" else None
     return LoadedNode(info, network, encoder, transforms)
 
 
-def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def _load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A ``state_dict`` saved by ``torch.save``; never anything else (``weights_only=True``)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise ArtefactError(f"'{path}' is missing") from None
-    except Exception as exc:  # weights_only refuses anything but tensors and plain data
-        raise ArtefactError(f"refusing to load '{path}': {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # the details are torch's internals, and its advice is to load unsafely
+        if isinstance(exc, pickle.UnpicklingError) and _looks_pickled(path):
+            # weights_only refused a class or a function: a whole pickled model, or something worse.
+            raise ArtefactError(
+                f"'{path}' is not a plain weights file (it holds pickled objects); lcpn never loads those"
+            ) from None
+        raise ArtefactError(f"'{path}' is not a PyTorch weights file (damaged, or another format)") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ArtefactError(f"'{path}' holds no state_dict (a mapping of tensor names to tensors)")
+    return state
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A zip archive (what ``torch.save`` writes) or a bare pickle (protocol 2 and later start with 0x80)."""
+    with open(path, "rb") as fh:
+        first = fh.read(1)
+    return first == b"\x80" or zipfile.is_zipfile(path)
+
+
+def load_weights(network: nn.Module, path: Path, map_location: str | torch.device = "cpu") -> None:
+    """Load ``path`` into ``network``, or say how the file and the network described in node.json differ."""
+    state = _load_state(path, map_location)
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        counts = f"{len(missing)} missing and {len(unexpected)} unexpected tensors"
+        if reshaped:
+            counts += f", {len(reshaped)} of another shape"
+        examples = [f"missing '{k}'" for k in missing[:2]] + [f"unexpected '{k}'" for k in unexpected[:2]]
+        examples += [
+            f"'{k}' is {_shape(state[k])} in the file, {_shape(expected[k])} in the network" for k in reshaped[:2]
+        ]
+        raise ArtefactError(f"'{path}' does not fit the network described in {NODE_JSON}: {counts}, "
+                            f"e.g. {'; '.join(examples)}")  # fmt: skip
+    network.load_state_dict(state)
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "a scalar"
 
 
 def data_config(info: NodeInfo) -> DataConfig:

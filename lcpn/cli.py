@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .sources import SourceError, scan_csv, scan_tree
+from .errors import LcpnError
+from .sources import scan_csv, scan_tree
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Command(click.Command):
+    """A command whose ``LcpnError`` is printed like a usage error: one sentence, exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LcpnError as exc:
+            message = str(exc)
+            raise click.UsageError(message if message.endswith((".", "?", "!")) else f"{message}.", ctx) from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lcpn")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
 def main(verbose: bool) -> None:
@@ -132,7 +149,7 @@ def prepare(
             described = str(source)
         start = time.perf_counter()
         result = run_prepare(items, excluded, out, described, val, test, seed, min_images, materialize)
-    except (SourceError, ValueError) as exc:
+    except ValueError as exc:
         raise click.UsageError(f"{exc}.") from None
     click.echo(format_summary(result.summary, result.split.hierarchy, out))
     click.echo(f"\nDone in {time.perf_counter() - start:.1f} s.")
@@ -256,10 +273,8 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
     running the same command again continues where it stopped. A node with a single child is
     recorded as constant and not trained.
     """
-    from .backbones import WeightsError
     from .config import make_config, read_config_file
-    from .devices import DeviceError
-    from .train import TrainError, train_nodes
+    from .train import train_nodes
 
     try:
         file_options = read_config_file(config_file) if config_file else {}
@@ -272,10 +287,7 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
     except (ValueError, TypeError, OSError) as exc:
         raise click.UsageError(f"{exc}.") from None
     start = time.perf_counter()
-    try:
-        results = train_nodes(data, out, config, nodes, force)
-    except (TrainError, WeightsError, DeviceError) as exc:
-        raise click.UsageError(f"{exc}.") from None
+    results = train_nodes(data, out, config, nodes, force)
     trained = sum(r.status == "trained" for r in results)
     click.echo(
         f"\n{len(results)} node(s) ready in {out} ({trained} trained now) in {time.perf_counter() - start:.1f} s."
@@ -291,16 +303,26 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
     help="A folder written by `lcpn train`.",
 )
 def summary(models: Path) -> None:
-    """Print one line per trained node: kind, classes, validation accuracy and macro F1, epochs."""
-    from .artefacts import ArtefactError, read_info
-    from .hierarchy import Hierarchy
+    """Print one line per trained node: kind, classes, validation accuracy and macro F1, epochs.
+
+    Every node is also loaded, weights included, as `lcpn predict` would: exit code 1 lists the
+    nodes that cannot be loaded and why.
+    """
+    from .artefacts import ArtefactError, NodeInfo, read_info
+    from .models import node_problems, read_tree
     from .report import format_table
     from .train import chosen_setting
 
-    index = models / "hierarchy.json"
-    if not index.is_file():
-        raise click.UsageError(f"'{models}' is not an lcpn model folder (no hierarchy.json).")
-    tree = Hierarchy.load(index)
+    def val_scores(info: NodeInfo) -> list[str]:
+        """Accuracy and macro F1, or why there are none: a constant node, or no val images."""
+        m = info.metrics
+        if info.kind == "constant":
+            return ["constant", "-"]
+        if not m.get("n") or not str(m.get("evaluated_on", "val")).startswith("val"):
+            return ["no val images", "-"]
+        return [f"{m[k]:.4f}" if isinstance(m.get(k), float) else "-" for k in ("accuracy", "macro_f1")]
+
+    tree = read_tree(models)
     rows = []
     for node in tree.parents:
         try:
@@ -308,23 +330,16 @@ def summary(models: Path) -> None:
         except ArtefactError:
             rows.append([node or "(root)", "not trained", len(tree.children[node]), None, None, None, None])
             continue
-        m = info.metrics
-        rows.append([
-            node or "(root)", info.kind if info.kind == "constant" else info.mode, len(info.classes),
-            m.get("n"), m.get("accuracy"), m.get("macro_f1"), chosen_setting(info),
-        ])  # fmt: skip
+        kind = info.kind if info.kind == "constant" else info.mode
+        rows.append([node or "(root)", kind, len(info.classes), info.metrics.get("n"), *val_scores(info),
+                     chosen_setting(info)])  # fmt: skip
     click.echo(format_table(rows, ["node", "kind", "classes", "val images", "val acc", "macro F1", "chosen"]))
-
-
-def _load_cascade(models: Path, device: str, precision: str):
-    from .artefacts import ArtefactError
-    from .devices import DeviceError
-    from .predict import Cascade
-
-    try:
-        return Cascade.load(models, device, precision)
-    except (ArtefactError, DeviceError) as exc:
-        raise click.UsageError(f"{exc}.") from None
+    problems = node_problems(models)
+    if problems:
+        click.echo(f"\n{len(problems)} node(s) cannot be loaded, so `lcpn predict` refuses this folder:")
+        for node, reason in problems.items():
+            click.echo(f"  {node or '(root)'}: {reason}")
+        sys.exit(1)
 
 
 _models_option = click.option(
@@ -336,8 +351,9 @@ _device_option = click.option(
     help="Where to run the networks; auto picks CUDA, then MPS, then the CPU.",
 )  # fmt: skip
 _precision_option = click.option(
-    "--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
-    help="Run the networks in float32 or under bfloat16 autocast; auto uses bf16 where the CPU or GPU "
+    "--precision", default="as-trained", show_default=True, type=click.Choice(["as-trained", "auto", "bf16", "fp32"]),
+    help="as-trained: each network in the precision it was trained in (recorded in its node.json; float32 "
+    "where none is); or for every network: float32, bfloat16 autocast, or auto: bf16 where the CPU or GPU "
     "supports it natively (see docs/benchmarks.md for the measured agreement with fp32).",
 )  # fmt: skip
 _decode_option = click.option(
@@ -355,7 +371,8 @@ _batch_option = click.option("--batch-size", default=32, show_default=True, type
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+# readable=False: an unreadable file gets its own error line like any bad image, not a usage error.
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
 @_models_option
 @click.option(
     "--top-k",
@@ -381,55 +398,21 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
     """Name the class of images at every level of the tree.
 
     INPUTS are image files or folders (searched recursively). Every node model is loaded once and
-    images are routed down the tree in batches. An unreadable image gets its own error and the
-    others are still predicted. Exit code: 0 when every image was predicted, 1 when any failed,
-    2 on usage errors.
+    images are routed down the tree in batches. An unreadable or missing image gets its own error
+    and the others are still predicted. Exit code: 0 when every image was predicted, 1 when any
+    failed, 2 on usage errors (among them: none of INPUTS exists).
     """
-    import csv
-    import json
-    import sys
-
-    from .predict import collect_images
+    from .cascade import Cascade
+    from .feed import collect_images
+    from .output import write_predictions
 
     paths = collect_images(inputs)
-    if not paths:
-        raise click.UsageError(f"no image files found in {', '.join(str(i) for i in inputs)}.")
-    cascade = _load_cascade(models, device, precision)
-    depth = cascade.tree.max_depth
-    writer = csv.writer(sys.stdout, lineterminator="\n") if fmt == "csv" else None
-    if writer:
-        writer.writerow(["image", *(f"level_{d}" for d in range(1, depth + 1)),
-                         *(f"confidence_{d}" for d in range(1, depth + 1)),
-                         "path_probability", "stopped_early", "top_k", "error"])  # fmt: skip
-    failed = 0
-    for pred in cascade.predict_paths(paths, batch_size, top_k, decode, min_confidence):
-        failed += pred.error is not None
-        if fmt == "json":
-            click.echo(json.dumps(pred.to_dict(), ensure_ascii=False))
-        elif writer:
-            pad = depth - len(pred.path)
-            writer.writerow([
-                pred.image, *pred.path, *[""] * pad, *(f"{c:.6f}" for c in pred.confidences), *[""] * pad,
-                "" if pred.error else f"{pred.path_probability:.6f}", pred.stopped_early,
-                json.dumps(pred.to_dict()["top_k"], ensure_ascii=False) if top_k else "", pred.error or "",
-            ])  # fmt: skip
-        else:
-            click.echo(_text_line(pred, top_k))
-    sys.stdout.flush()
+    cascade = Cascade.load(models, device, precision)
+    predictions = cascade.predict(paths, batch_size, top_k, decode, min_confidence)
+    failed = write_predictions(predictions, fmt, cascade.tree.max_depth, top_k, sys.stdout)
     if failed:
         click.echo(f"{failed} of {len(paths)} image(s) could not be predicted.", err=True)
         sys.exit(1)
-
-
-def _text_line(pred, top_k: int) -> str:
-    if pred.error:
-        return f"{pred.image}  ERROR: {pred.error}"
-    line = f"{pred.image}  " + " > ".join(f"{n} ({c:.2f})" for n, c in zip(pred.path, pred.confidences))
-    if pred.stopped_early:
-        line += "  [stopped early]"
-    if top_k > 1:
-        line += "  | top-k: " + "; ".join(f"{' > '.join(t['path'])} {t['probability']:.3f}" for t in pred.top_k)
-    return line
 
 
 @main.command()
@@ -441,7 +424,7 @@ def _text_line(pred, top_k: int) -> str:
     default="evaluation",
     show_default=True,
     type=click.Path(path_type=Path),
-    help="Folder for metrics.json, nodes.csv and the confusion-matrix plots.",
+    help="Folder for metrics.json, nodes.csv, leaves.csv and the confusion-matrix plots.",
 )
 @click.option(
     "--format",
@@ -462,33 +445,45 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, 
 
     DATA is a split folder from `lcpn prepare` (its end-to-end test set is used) or a labelled
     folder tree; or give --csv FILE --levels ... instead. Reports accuracy per level, full-path
-    accuracy, hierarchical precision/recall/F1, mistake severity and error propagation per node.
-    Images of classes the model does not know are reported and left out.
+    accuracy, hierarchical precision/recall/F1, mistake severity, error propagation per node and
+    precision/recall/F1 per leaf. Files left out (excluded by the source, unreadable, or of classes
+    the model does not know) are listed with their reason. A warning says when some images are
+    ones the models were trained on (identical files or near-duplicates).
     """
     import json
 
+    from .cascade import Cascade
     from .evaluate import evaluate as run_evaluate
-    from .evaluate import format_metrics, split_test_items
+    from .evaluate import format_metrics, overlap_warning, split_test_items
+    from .overlap import NoTrainingRecord, TrainingImages
 
-    try:
-        if csv_file is not None:
-            items, _, _ = _scan_csv_source(csv_file, levels, path_column, image_root)
-        elif data is None:
-            raise click.UsageError("give DATA (a split folder or a labelled folder tree), or --csv FILE --levels ...")
-        elif (data / "test.csv").is_file() and (data / "hierarchy.json").is_file():
-            items = split_test_items(data)
-        else:
-            items, _ = scan_tree(data)
-    except SourceError as exc:
-        raise click.UsageError(f"{exc}.") from None
+    excluded = []
+    if csv_file is not None:
+        items, excluded, _ = _scan_csv_source(csv_file, levels, path_column, image_root)
+    elif data is None:
+        raise click.UsageError("give DATA (a split folder or a labelled folder tree), or --csv FILE --levels ...")
+    elif (data / "test.csv").is_file() and (data / "hierarchy.json").is_file():
+        items = split_test_items(data)
+    else:
+        items, excluded = scan_tree(data)
     if not items:
         raise click.UsageError("there are no images to evaluate on.")
-    cascade = _load_cascade(models, device, precision)
-    result = run_evaluate(cascade, items, out, batch_size, decode, min_confidence)
-    if result.metrics["n_images"] == 0:
-        raise click.UsageError("none of the images belongs to a class that the model knows.")
+    cascade = Cascade.load(models, device, precision)
+    try:
+        training = TrainingImages.of_models(models)
+    except NoTrainingRecord as exc:
+        training = None
+        click.echo(f"Not checked whether the images were used in training: {exc}.", err=True)
+    result = run_evaluate(cascade, items, out, batch_size, decode, min_confidence, excluded, training)
+    metrics = result.metrics
+    if metrics["n_images"] == 0:
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in metrics["left_out"].items())
+        raise click.UsageError(f"none of the images could be evaluated (left out: {reasons}).")
+    warning = overlap_warning(metrics)
     if fmt == "json":
-        click.echo(json.dumps(result.metrics, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(metrics, indent=2, ensure_ascii=False))
+        if warning:
+            click.echo(warning, err=True)
     else:
-        click.echo(format_metrics(result.metrics))
-        click.echo(f"\nWrote {out / 'metrics.json'}, nodes.csv and confusion-matrix plots.")
+        click.echo(format_metrics(metrics))
+        click.echo(f"\nWrote {out / 'metrics.json'}, nodes.csv, leaves.csv and confusion-matrix plots.")

@@ -3,21 +3,38 @@
 Besides the cascade's own predictions, every node also classifies the images that truly belong
 below it (its accuracy given the true parent), reusing the cascade's cached probabilities, so the
 report can tell a node's own mistakes from the ones it inherited from above.
+
+Nothing is left out without a word: files the source scan excluded, unreadable images and images
+of classes the model does not know are listed with their reason and counted in ``metrics.json``.
+When the models' own split is at hand, images the models were trained on (the same file, or a
+near-duplicate) are counted too: their scores say nothing about new photos.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tabulate import tabulate
+
 from . import fsio
+from .cascade import DEFAULT_DECODE, Cascade, Prediction
 from .hierarchy import ROOT, ancestors, names_of
-from .metrics import NONE, prefix, summarize
-from .predict import DEFAULT_DECODE, Batch, Cascade, Prediction
+from .metrics import NONE, leaf_scores, prefix, summarize
+from .models import Batch
+from .overlap import Fingerprint, TrainingImages
 from .report import Outcome, confusion_plot, format_table
-from .sources import LabelledImage
+from .sources import Excluded, LabelledImage
+
+# Why an image is left out (the keys of metrics.json's "left_out").
+EXCLUDED_BY_SOURCE = "excluded by the source"
+UNREADABLE = "unreadable image"
+UNKNOWN_CLASS = "class unknown to the model"
+WORST_LEAVES = 10  # leaves shown in the printed report; leaves.csv has them all
+LISTED = 10  # left-out files shown in the printed report; metrics.json has them all
 
 
 @dataclass
@@ -28,44 +45,52 @@ class EvaluationResult:
 
 def evaluate(
     cascade: Cascade, items: list[LabelledImage], out: Path | None = None, batch_size: int = 32,
-    decode: str = DEFAULT_DECODE, min_confidence: float = 0.0,
+    decode: str = DEFAULT_DECODE, min_confidence: float = 0.0, excluded: Sequence[Excluded] = (),
+    training: TrainingImages | None = None,
 ) -> EvaluationResult:  # fmt: skip
-    """Predict ``items``, compute ``metrics.json`` and, if ``out`` is given, write it with the plots."""
+    """Predict ``items``, compute ``metrics.json`` and, if ``out`` is given, write it with the plots.
+
+    ``excluded`` are the files the source scan left out; with ``training``, the images are also
+    checked against the ones the models were trained on (``training_overlap``).
+    """
     tree = cascade.tree
+    left_out = [{"path": e.path, "reason": EXCLUDED_BY_SOURCE, "detail": e.reason} for e in excluded]
     known = set(tree.leaves)
+    left_out += [{"path": it.path, "reason": UNKNOWN_CLASS, "detail": it.leaf} for it in items if it.leaf not in known]
     unknown = Counter(it.leaf for it in items if it.leaf not in known)
     items = [it for it in items if it.leaf in known]
     local_hits: dict[str, list[tuple[int, int]]] = defaultdict(list)  # node -> (true child, predicted child)
+    fingerprints: list[Fingerprint] = []
     extra_seconds = 0.0
-    offset = 0
 
-    def per_node(batch: Batch, probs: dict, good: list[int], preds: list[Prediction]) -> None:
-        nonlocal extra_seconds, offset
+    def per_node(batch: Batch, probs: dict, indices: list[int]) -> None:
+        nonlocal extra_seconds
         t0 = time.perf_counter()
-        chunk = items[offset : offset + batch_size]  # predict_paths hands over consecutive chunks
-        offset += batch_size
-        rows = {row: chunk[j] for row, j in enumerate(good)}
-        requests = [(row, node) for row, it in rows.items() for node in [ROOT, *ancestors(it.leaf)[:-1]]]
+        requests = [(row, node) for row, i in enumerate(indices) for node in [ROOT, *ancestors(items[i].leaf)[:-1]]]
         cascade.node_probabilities(batch, probs, requests)
         for row, node in requests:
-            true_child = tree.child_towards(node, rows[row].leaf)
+            true_child = tree.child_towards(node, items[indices[row]].leaf)
             local_hits[node].append((tree.children[node].index(true_child), int(probs[(row, node)].argmax())))
+        if training is not None:
+            fingerprints.extend(training.fingerprint(items[i].path, batch.images[row]) for row, i in enumerate(indices))
         extra_seconds += time.perf_counter() - t0
 
     start = time.perf_counter()
-    preds = list(cascade.predict_paths([it.path for it in items], batch_size, 0, decode, min_confidence,
-                                       on_batch=per_node))  # fmt: skip
+    preds = list(cascade.predict([it.path for it in items], batch_size, 0, decode, min_confidence, on_batch=per_node))
     seconds = time.perf_counter() - start - extra_seconds
     pairs = [(it, p) for it, p in zip(items, preds) if p.error is None]
-    failed = [{"path": p.image, "reason": p.error} for p in preds if p.error is not None]
+    left_out += [{"path": p.image, "reason": UNREADABLE, "detail": p.error} for p in preds if p.error is not None]
     y_true = [it.leaf for it, _ in pairs]
     y_pred = [p.node for _, p in pairs]
     local = {n: (sum(t == p for t, p in hits), len(hits)) for n, hits in local_hits.items()}
     metrics = summarize(y_true, y_pred, local, tree.parents)
     metrics.update({
+        "leaves": leaf_scores(y_true, y_pred, tree.leaves),
         "throughput_images_per_s": len(preds) / seconds if seconds > 0 else None,
+        "training_overlap": training.count(fingerprints) if training is not None else None,
+        "left_out": dict(Counter(e["reason"] for e in left_out)),
+        "left_out_files": left_out,
         "unknown_classes": dict(sorted(unknown.items())),
-        "unreadable": failed,
         "decode": decode,
         "min_confidence": min_confidence,
     })  # fmt: skip
@@ -93,9 +118,16 @@ def _write(out: Path, metrics: dict, y_true: list[str], y_pred: list[str], local
         outcome = Outcome(classes, [], [t for t, _ in hits], [p for _, p in hits], [], "test, true parent given")
         name = tree.folders[node].replace("/", "__")
         confusion_plot(out / "nodes" / f"confusion_{name}.png", node or "(root)", outcome)
-    rows = node_rows(metrics)
     header = ["node", "images", "local_accuracy", "cascade_accuracy", "leaf_errors", "from_ancestors"]
-    fsio.write_csv(out / "nodes.csv", header, rows)
+    fsio.write_csv(out / "nodes.csv", header, node_rows(metrics))
+    fsio.write_csv(out / "leaves.csv", LEAF_COLUMNS, leaf_rows(metrics["leaves"]))
+
+
+LEAF_COLUMNS = ["leaf", "precision", "recall", "f1", "support"]
+
+
+def leaf_rows(leaves: list[dict]) -> list[list]:
+    return [[leaf[c] for c in LEAF_COLUMNS] for leaf in leaves]
 
 
 def node_rows(metrics: dict) -> list[list]:
@@ -106,36 +138,69 @@ def node_rows(metrics: dict) -> list[list]:
 
 
 def format_metrics(metrics: dict) -> str:
-    """The printed report: levels, whole-path scores, then the per-node table."""
+    """The printed report: levels, whole-path scores, per node, the worst leaves, and what was left out."""
     h = metrics["hierarchical"]
+    ep = metrics["error_propagation"]
+    severity = metrics["mistake_severity"]
+    scores = [
+        ["path accuracy:", f"{metrics['path_accuracy']:.4f}"],
+        ["hierarchical P / R / F1:", f"{h['precision']:.4f} / {h['recall']:.4f} / {h['f1']:.4f}"],
+        ["mistake severity:", f"{'-' if severity is None else f'{severity:.2f}'} (mean tree distance of wrong "
+                              "predictions)"],
+    ]  # fmt: skip
+    if ep["leaf_errors"]:
+        began_above = f"{ep['began_above_last_level']:.1%} of {ep['leaf_errors']}"
+        scores.append(["errors that began above the last level:", began_above])
+    throughput = metrics["throughput_images_per_s"]
     lines = [
-        f"Images evaluated: {metrics['n_images']}   throughput: {metrics['throughput_images_per_s']:.1f} img/s",
+        f"Images evaluated: {metrics['n_images']}   throughput: {throughput or 0:.1f} img/s",
         "",
         format_table(
             [[f"level {lv['depth']}", lv["n"], lv["accuracy"], lv["macro_f1"]] for lv in metrics["levels"]],
             ["", "images", "accuracy", "macro F1"],
         ),
         "",
-        f"path accuracy:           {metrics['path_accuracy']:.4f}",
-        f"hierarchical P / R / F1: {h['precision']:.4f} / {h['recall']:.4f} / {h['f1']:.4f}",
-    ]
-    severity = metrics["mistake_severity"]
-    ep = metrics["error_propagation"]
-    lines.append(f"mistake severity:        {'-' if severity is None else f'{severity:.2f}'} (mean tree distance "
-                 f"of wrong predictions)")  # fmt: skip
-    if ep["leaf_errors"]:
-        lines.append(f"errors that began above the last level: {ep['began_above_last_level']:.1%} "
-                     f"of {ep['leaf_errors']}")  # fmt: skip
-    lines += ["", "Per node (local: given the true parent; cascade: through the model's own route)",
-              format_table(node_rows(metrics), ["node", "images", "local acc", "cascade acc", "leaf errors",
-                                                "from ancestors"])]  # fmt: skip
-    if metrics["unknown_classes"]:
-        lines += ["", "Left out, classes the model does not know:"]
-        lines += [f"  {leaf}: {n} image(s)" for leaf, n in metrics["unknown_classes"].items()]
-    if metrics["unreadable"]:
-        lines += ["", f"Left out, unreadable images: {len(metrics['unreadable'])}"]
-        lines += [f"  {u['path']}: {u['reason']}" for u in metrics["unreadable"][:10]]
+        tabulate(scores, tablefmt="plain", disable_numparse=True),
+        "",
+        "Per node (local: given the true parent; cascade: through the model's own route)",
+        format_table(node_rows(metrics), ["node", "images", "local acc", "cascade acc", "leaf errors",
+                                          "from ancestors"]),
+    ]  # fmt: skip
+    leaves = sorted(metrics["leaves"], key=lambda leaf: (leaf["f1"], -leaf["support"], leaf["leaf"]))
+    if leaves:
+        shown = leaves[:WORST_LEAVES]
+        lines += ["", f"Leaves with the lowest F1 ({len(shown)} of {len(leaves)}; all of them in leaves.csv)",
+                  format_table(leaf_rows(shown), LEAF_COLUMNS)]  # fmt: skip
+    overlap = overlap_warning(metrics)
+    if overlap:
+        lines += ["", overlap]
+    lines += format_left_out(metrics)
     return "\n".join(lines)
+
+
+def overlap_warning(metrics: dict) -> str | None:
+    """A warning when some evaluated images are training images of the models, else None."""
+    o = metrics.get("training_overlap")
+    if not o or not (o["exact"] or o["near"]):
+        return None
+    near = f"{o['near']} near-duplicates" if o["near_checked"] else "near-duplicates not checked: no perceptual hashes"
+    return (
+        f"Warning: {o['exact'] + o['near']} of the images were seen in training ({o['exact']} identical files, "
+        f"{near} in the split {o['split']}); their scores overstate how the models do on new photos."
+    )
+
+
+def format_left_out(metrics: dict) -> list[str]:
+    """Lines listing what was left out, by reason, then the first files."""
+    files = metrics["left_out_files"]
+    if not files:
+        return []
+    lines = ["", f"Left out: {len(files)} file(s)"]
+    lines += [f"  {reason}: {n}" for reason, n in metrics["left_out"].items()]
+    lines += [f"  {f['path']}: {f['reason']} ({f['detail']})" for f in files[:LISTED]]
+    if len(files) > LISTED:
+        lines.append(f"  ... and {len(files) - LISTED} more (see metrics.json)")
+    return lines
 
 
 def split_test_items(split_dir: Path) -> list[LabelledImage]:

@@ -43,12 +43,13 @@ import numpy as np
 import torch
 
 from lcpn import artefacts, backbones, fsio
+from lcpn.cascade import DEFAULT_DECODE, Cascade
 from lcpn.config import TrainConfig
 from lcpn.evaluate import evaluate, split_test_items
 from lcpn.features import EmbeddingCache, embed_images, fit_head, head_spec, open_backbone
 from lcpn.hierarchy import Hierarchy, names_of
 from lcpn.metrics import hierarchical_prf, level_scores, path_accuracy
-from lcpn.predict import DEFAULT_DECODE, Cascade, HeadNode
+from lcpn.models import HeadNode
 from lcpn.prepare import prepare
 from lcpn.report import format_table
 from lcpn.sources import SourceError, scan_csv, scan_tree
@@ -76,11 +77,11 @@ def accuracy_row(y_true: list[str], y_pred: list[str]) -> dict:
 
 def throughput(cascade: Cascade, paths: list[str], repeat: int = 1, decode: str = DEFAULT_DECODE) -> float:
     """Images per second of batched prediction, decoding included (best of ``repeat``)."""
-    list(cascade.predict_paths(paths[:BATCH], BATCH, top_k=0, decode=decode))  # warm-up
+    list(cascade.predict(paths[:BATCH], BATCH, top_k=0, decode=decode))  # warm-up
     best = 0.0
     for _ in range(repeat):
         start = time.perf_counter()
-        for _ in cascade.predict_paths(paths, BATCH, top_k=0, decode=decode):
+        for _ in cascade.predict(paths, BATCH, top_k=0, decode=decode):
             pass
         best = max(best, len(paths) / (time.perf_counter() - start))
     return best
@@ -252,8 +253,8 @@ def main() -> None:
     log("precision: bf16 vs fp32 paths on the test split")
     fp32 = Cascade.load(models, "cpu", "fp32")
     bf16 = Cascade.load(models, "cpu", "bf16")
-    p32 = [p.node for p in fp32.predict_paths(test_paths, BATCH)]
-    p16 = [p.node for p in bf16.predict_paths(test_paths, BATCH)]
+    p32 = [p.node for p in fp32.predict(test_paths, BATCH)]
+    p16 = [p.node for p in bf16.predict(test_paths, BATCH)]
     agreement = sum(a == b for a, b in zip(p32, p16)) / len(test_paths)
 
     log("throughput: features cascade, flat single forward")

@@ -36,15 +36,15 @@ PY
   --batch-size 128 | grep -E "classes|ready"
 "$py" - "$work" <<'PY'
 import csv, sys, time
-from lcpn.predict import Cascade
+from lcpn.cascade import Cascade
 work = sys.argv[1]
 paths = [r["path"] for r in csv.DictReader(open(f"{work}/split/images.csv"))][:2048]
 for name in ("b4", "lite", "feat"):
     for precision in ("fp32", "bf16"):
         cascade = Cascade.load(f"{work}/{name}", "cuda", precision)
-        list(cascade.predict_paths(paths[:256], 128, workers=12))
+        list(cascade.predict(paths[:256], 128, workers=12))
         start = time.perf_counter()
-        n = sum(1 for _ in cascade.predict_paths(paths, 128, workers=12))
+        n = sum(1 for _ in cascade.predict(paths, 128, workers=12))
         print(f"cascade {name} {precision}: {n / (time.perf_counter() - start):.0f} img/s over {n} images "
               "(batch 128, decoding included)")
 PY

@@ -7,10 +7,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_image
 
+from lcpn.cascade import Cascade
 from lcpn.cli import main
 from lcpn.evaluate import evaluate, split_test_items
 from lcpn.fsio import read_csv
-from lcpn.predict import Cascade
+from lcpn.hierarchy import Hierarchy
+from lcpn.metrics import hierarchical_prf, leaf_scores, level_scores, path_accuracy
 from lcpn.sources import LabelledImage
 
 
@@ -57,27 +59,37 @@ def test_predict_text_and_csv(finetuned, images_with_a_corrupt_one):
 def test_real_models_give_the_same_paths_in_any_batch_size(finetuned, split):
     cascade = Cascade.load(finetuned, "cpu")
     paths = [r["path"] for r in read_csv(split / "test.csv")]
-    one = [p.to_dict() for p in cascade.predict_paths(paths, batch_size=1, top_k=2)]
-    many = [p.to_dict() for p in cascade.predict_paths(paths, batch_size=7, top_k=2)]
+    one = [p.to_dict() for p in cascade.predict(paths, batch_size=1, top_k=2)]
+    many = [p.to_dict() for p in cascade.predict(paths, batch_size=7, top_k=2)]
     assert [p["path"] for p in one] == [p["path"] for p in many]
     for a, b in zip(one, many):
         assert a["path_probability"] == pytest.approx(b["path_probability"], abs=1e-4)
 
 
-def test_evaluate_split_writes_metrics_and_plots(finetuned, split, tmp_path):
+def test_evaluate_measures_the_predictions_that_predict_makes(finetuned, split, tmp_path):
     result = run("evaluate", split, "--models", finetuned, "--out", tmp_path / "ev", "--format", "json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics == json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert metrics["n_images"] == len(read_csv(split / "test.csv"))
-    assert [lv["depth"] for lv in metrics["levels"]] == [1, 2, 3]
-    for key in ("path_accuracy", "hierarchical", "mistake_severity", "error_propagation", "throughput_images_per_s"):
-        assert key in metrics
+    truth = {r["path"]: r["label_path"] for r in read_csv(split / "test.csv")}
+    predicted = run("predict", *truth, "--models", finetuned, "--format", "json")
+    paths = {line["image"]: "/".join(line["path"]) for line in map(json.loads, predicted.stdout.splitlines())}
+    y_true, y_pred = list(truth.values()), [paths[p] for p in truth]
+    assert metrics["n_images"] == len(truth)
+    assert metrics["path_accuracy"] == pytest.approx(path_accuracy(y_true, y_pred))
+    assert metrics["levels"] == level_scores(y_true, y_pred)  # the same numbers, through JSON
+    assert metrics["hierarchical"] == pytest.approx(hierarchical_prf(y_true, y_pred))
+    leaves = Hierarchy.load(finetuned / "hierarchy.json").leaves
+    assert metrics["leaves"] == leaf_scores(y_true, y_pred, leaves)
+    root = metrics["error_propagation"]["nodes"]["(root)"]
+    assert root["n"] == len(truth)
+    assert root["cascade_accuracy"] == pytest.approx(sum(t[0] == p[:1] for t, p in zip(y_true, y_pred)) / len(truth))
     assert set(metrics["error_propagation"]["nodes"]) >= {"(root)", "a", "b", "a/x"}
     assert (tmp_path / "ev" / "confusion_level_1.png").is_file()
     assert (tmp_path / "ev" / "nodes" / "confusion_a__x.png").is_file()
+    assert read_csv(tmp_path / "ev" / "leaves.csv")[0].keys() == {"leaf", "precision", "recall", "f1", "support"}
     text = run("evaluate", split, "--models", finetuned, "--out", tmp_path / "ev2")
-    assert "path accuracy" in text.output and "Per node" in text.output
+    assert "path accuracy:" in text.output and "Per node" in text.output
 
 
 def test_unknown_classes_are_reported_and_left_out(finetuned, split, tmp_path):
@@ -87,6 +99,7 @@ def test_unknown_classes_are_reported_and_left_out(finetuned, split, tmp_path):
     items += [LabelledImage(str(stranger), "z"), LabelledImage(str(stranger), "a/x/new")]
     result = evaluate(cascade, items)
     assert result.metrics["unknown_classes"] == {"a/x/new": 1, "z": 1}
+    assert result.metrics["left_out"] == {"class unknown to the model": 2}
     assert result.metrics["n_images"] == len(items) - 2
 
 
@@ -96,4 +109,5 @@ def test_evaluate_user_errors(finetuned, tmp_path):
     write_image(tmp_path / "data" / "q" / "1.jpg")
     write_image(tmp_path / "data" / "r" / "1.jpg")
     unknown = run("evaluate", tmp_path / "data", "--models", finetuned, "--out", tmp_path / "ev")
-    assert unknown.exit_code == 2 and "none of the images" in unknown.output
+    assert unknown.exit_code == 2
+    assert "none of the images could be evaluated (left out: class unknown to the model: 2)." in unknown.output

@@ -5,10 +5,11 @@ from sklearn.linear_model import LogisticRegression
 
 from lcpn import artefacts, backbones
 from lcpn.artefacts import ArtefactError, NodeInfo
+from lcpn.cascade import Cascade
 from lcpn.config import TrainConfig
 from lcpn.features import _load_linear
 from lcpn.fsio import read_csv
-from lcpn.predict import Cascade, HeadNode
+from lcpn.models import HeadNode
 from lcpn.train import train_nodes
 
 
@@ -107,9 +108,9 @@ def test_features_cascade_runs_the_backbone_once_per_image(featured, split, monk
     original = backbone.embed
     monkeypatch.setattr(backbone, "embed", lambda images: seen.append(len(images)) or original(images))
     paths = [r["path"] for r in read_csv(split / "test.csv")]
-    preds = list(cascade.predict_paths(paths, batch_size=4, top_k=3))
+    preds = list(cascade.predict(paths, batch_size=4, top_k=3))
     assert sum(seen) == len(paths) and all(p.error is None for p in preds)
-    one = [p.to_dict() for p in cascade.predict_paths(paths, batch_size=1, top_k=3)]
+    one = [p.to_dict() for p in cascade.predict(paths, batch_size=1, top_k=3)]
     assert [p["path"] for p in one] == [p.path for p in preds]
 
 
@@ -217,5 +218,5 @@ def test_model_folders_from_before_stage_features_still_load(featured, split, tm
         data.get("config", {}).pop("stage_features", None)
         json_file.write_text(json.dumps(data))
     paths = [r["path"] for r in read_csv(split / "test.csv")]
-    preds = list(Cascade.load(models, "cpu").predict_paths(paths, batch_size=4))
+    preds = list(Cascade.load(models, "cpu").predict(paths, batch_size=4))
     assert all(p.error is None and p.path for p in preds)

@@ -1,159 +1,108 @@
+"""`lcpn predict`: inputs, per-image errors, exit codes, and the text / JSON / CSV output."""
+
+import csv
+import io
 import json
+import os
 
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
+from conftest import write_image
+from folders import model_folder
 
+from lcpn.cascade import Prediction
 from lcpn.cli import main
-from lcpn.hierarchy import Hierarchy, names_of
-from lcpn.predict import Batch, Cascade, ConstantNode
-
-TREE = Hierarchy.from_leaves(["a/x/p", "a/x/q", "a/y", "b/u", "b/v", "c/only"])
+from lcpn.output import csv_header, text_line, write_predictions
 
 
-class StubNode:
-    """Fixed child probabilities per image id; records every call to check the batching."""
-
-    def __init__(self, node, table, calls):
-        self.node, self.table, self.calls = node, table, calls
-        self.classes = [names_of(c)[-1] for c in TREE.children[node]]
-
-    def probs(self, batch, rows):
-        ids = [image_id(batch.images[r]) for r in rows]
-        self.calls.append((self.node, ids))
-        return torch.tensor([self.table.get(i, [1 / len(self.classes)] * len(self.classes)) for i in ids])
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def image_id(image):
-    return image if isinstance(image, int) else image.getpixel((0, 0))[0]
-
-
-# Per image id: probabilities at each node. Image 1 is where greedy and best-path disagree:
-# greedy takes a (0.6) then a/x p or q at 0.6*0.5, best-path takes b (0.4) then u at 0.4*0.95.
-TABLES = {
-    "": {0: [0.9, 0.05, 0.05], 1: [0.6, 0.4, 0.0], 2: [0.1, 0.2, 0.7], 3: [0.2, 0.7, 0.1]},
-    "a": {0: [0.8, 0.2], 1: [0.9, 0.1], 3: [0.5, 0.5]},
-    "a/x": {0: [0.3, 0.7], 1: [0.5, 0.5]},
-    "b": {1: [0.95, 0.05], 3: [0.4, 0.6]},
-}
-
-
-@pytest.fixture
-def cascade():
-    calls = []
-    nodes = {n: StubNode(n, TABLES.get(n, {}), calls) for n in TREE.trainable}
-    nodes["c"] = ConstantNode(["only"])
-    c = Cascade(TREE, nodes)
-    c.calls = calls
-    return c
-
-
-def test_greedy_routing_groups_images_by_node(cascade):
-    preds = cascade.predict_batch([0, 1, 2, 3], top_k=0, decode="greedy")
-    assert [p.path for p in preds] == [["a", "x", "q"], ["a", "x", "p"], ["c", "only"], ["b", "v"]]
-    assert preds[0].confidences == pytest.approx([0.9, 0.8, 0.7])
-    assert preds[0].path_probability == pytest.approx(0.9 * 0.8 * 0.7)
-    # one call per node per round, each with exactly the images routed to it
-    assert cascade.calls == [("", [0, 1, 2, 3]), ("a", [0, 1]), ("b", [3]), ("a/x", [0, 1])]
-
-
-def test_best_path_differs_from_greedy(cascade):
-    greedy = cascade.predict_batch([1], decode="greedy", top_k=0)[0]
-    best = cascade.predict_batch([1], decode="best-path", top_k=0)[0]
-    assert greedy.path == ["a", "x", "p"] and greedy.path_probability == pytest.approx(0.6 * 0.9 * 0.5)
-    assert best.path == ["b", "u"] and best.path_probability == pytest.approx(0.4 * 0.95)
-
-
-def test_top_k_is_exact_and_ordered(cascade):
-    pred = cascade.predict_batch([0], top_k=4)[0]
-    probs = [t["probability"] for t in pred.top_k]
-    assert probs == sorted(probs, reverse=True)
-    everything = {
-        ("a", "x", "p"): 0.9 * 0.8 * 0.3,
-        ("a", "x", "q"): 0.9 * 0.8 * 0.7,
-        ("a", "y"): 0.9 * 0.2,
-        ("b", "u"): 0.05 * 0.5,
-        ("b", "v"): 0.05 * 0.5,
-        ("c", "only"): 0.05,
-    }
-    expected = sorted(everything.items(), key=lambda kv: -kv[1])[:4]
-    assert [tuple(t["path"]) for t in pred.top_k] == [p for p, _ in expected]
-    assert probs == pytest.approx([p for _, p in expected])
-
-
-def test_min_confidence_stops_early_but_keeps_the_root(cascade):
-    preds = cascade.predict_batch([0, 1, 3], top_k=0, decode="greedy", min_confidence=0.75)
-    assert preds[0].path == ["a", "x"] and preds[0].stopped_early  # q has 0.7
-    assert preds[1].path == ["a", "x"] and preds[1].stopped_early  # root 0.6 kept; x 0.9; p 0.5 cut
-    assert preds[2].path == ["b"] and preds[2].stopped_early and preds[2].confidences == [pytest.approx(0.7)]
-    assert preds[2].path_probability == pytest.approx(0.7)
-    full = cascade.predict_batch([0], top_k=0, min_confidence=0.0)[0]
-    assert not full.stopped_early
-    best = cascade.predict_batch([1], top_k=0, min_confidence=0.75)[0]  # the default decoder: best path
-    assert best.path == ["b", "u"] and best.confidences == pytest.approx([0.4, 0.95]) and not best.stopped_early
-
-
-@pytest.mark.parametrize("decode", ["greedy", "best-path"])
-def test_any_batch_size_gives_the_same_results_as_one_at_a_time(cascade, tmp_path, decode):
-    paths = []
-    for i in range(4):
-        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / f"{i}.png")
-        paths.append(tmp_path / f"{i}.png")
-    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    paths.insert(2, tmp_path / "bad.jpg")
-    runs = [
-        [p.to_dict() for p in cascade.predict_paths(paths, batch_size=b, top_k=3, decode=decode)]
-        for b in (1, 2, 3, 5, 64)
-    ]
-    assert all(r == runs[0] for r in runs)
-    assert [r["image"] for r in runs[0]] == [str(p) for p in paths]
-    assert runs[0][2]["error"] == "not an image file" and runs[0][2]["path"] == []
-    assert all(r["error"] is None for i, r in enumerate(runs[0]) if i != 2)
-
-
-def test_cascade_refuses_a_model_that_does_not_fit_the_tree():
-    nodes = {n: ConstantNode(["only"]) for n in TREE.parents}
-    with pytest.raises(Exception, match="knows"):
-        Cascade(TREE, nodes)
-    with pytest.raises(Exception, match="no model for node"):
-        Cascade(TREE, {})
-
-
-def test_batch_caches_inputs():
-    seen = []
-
-    def compute(items):
-        seen.append(list(items))
-        return torch.tensor([[float(i)] for i in items])
-
-    batch = Batch([10, 11, 12])
-    batch.inputs("k", [0, 2], compute)
-    out = batch.inputs("k", [2, 1, 0], compute)
-    assert seen == [[10, 12], [11]]
-    assert out.squeeze(1).tolist() == [12.0, 11.0, 10.0]
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return model_folder(tmp_path_factory.mktemp("models"), ["a/x", "a/y", "b/u", "b/v", "c/only"])
 
 
 def test_predict_cli_usage_errors(tmp_path):
-    runner = CliRunner()
-    missing = runner.invoke(main, ["predict", str(tmp_path), "--models", str(tmp_path / "nope")])
-    assert missing.exit_code == 2  # empty folder: no images
-    (tmp_path / "x.png").write_bytes(b"")
-    no_models = runner.invoke(main, ["predict", str(tmp_path), "--models", str(tmp_path / "nope")])
-    assert no_models.exit_code == 2 and "does not exist" in no_models.output
-    not_lcpn = runner.invoke(main, ["predict", str(tmp_path), "--models", str(tmp_path)])
-    assert not_lcpn.exit_code == 2 and "not an lcpn model folder" in not_lcpn.output
+    (tmp_path / "empty").mkdir()
+    empty = run("predict", tmp_path / "empty", "--models", tmp_path / "nope")
+    assert empty.exit_code == 2 and "no image files found in" in empty.output
+    nothing = run("predict", tmp_path / "gone.jpg", tmp_path / "gone", "--models", tmp_path / "nope")
+    assert nothing.exit_code == 2 and "Error: none of" in nothing.output and "exists." in nothing.output
+    write_image(tmp_path / "x.png")
+    no_models = run("predict", tmp_path / "x.png", "--models", tmp_path / "nope")
+    assert no_models.exit_code == 2
+    assert f"Error: the model folder '{tmp_path / 'nope'}' does not exist." in no_models.output
+    not_lcpn = run("predict", tmp_path / "x.png", "--models", tmp_path)
+    assert not_lcpn.exit_code == 2 and "not an lcpn model folder (no hierarchy.json)" in not_lcpn.output
     assert "Traceback" not in not_lcpn.output
 
 
-def test_json_lines_have_the_documented_fields(cascade):
-    line = json.dumps(cascade.predict_batch([0], top_k=2)[0].to_dict())
-    assert set(json.loads(line)) == {
-        "image",
-        "path",
-        "confidences",
-        "path_probability",
-        "top_k",
-        "stopped_early",
+def test_an_unreadable_or_missing_file_named_is_one_error_among_predictions(models, tmp_path, monkeypatch):
+    good = write_image(tmp_path / "good.jpg")
+    locked = tmp_path / "locked.jpg"
+    locked.write_bytes(b"only its owner may read this")
+    readable = os.access
+    # Tests may run as root, who reads everything: make the file unreadable as it is to anyone else.
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: not str(p).endswith("locked.jpg") and readable(p, mode))
+    result = run("predict", good, locked, tmp_path / "missing.jpg", "--models", models, "--format", "json")
+    assert result.exit_code == 1, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [str(good), str(locked), str(tmp_path / "missing.jpg")]
+    assert lines[0]["error"] is None and len(lines[0]["path"]) == 2
+    assert lines[1]["error"] == "not an image file" and lines[1]["path"] == []
+    assert lines[2]["error"] == "cannot read file (No such file or directory)"
+    assert "2 of 3 image(s) could not be predicted." in result.stderr
+
+
+def test_a_full_pickled_model_file_is_a_usage_error_in_lcpns_words(models, tmp_path):
+    import shutil
+
+    copy = tmp_path / "models"
+    shutil.copytree(models, copy)
+    torch.save(torch.nn.Linear(2, 2), copy / "a" / "model.pth")
+    result = run("predict", write_image(tmp_path / "i.jpg"), "--models", copy)
+    assert result.exit_code == 2
+    assert result.stderr.endswith(
+        f"Error: '{copy / 'a' / 'model.pth'}' is not a plain weights file (it holds pickled objects); "
+        "lcpn never loads those.\n"
+    )
+    assert "weights_only" not in result.output
+
+
+def test_formats(models, tmp_path):
+    images = [write_image(tmp_path / f"{i}.png") for i in range(3)]
+    (tmp_path / "bad.png").write_bytes(b"")
+    text = run("predict", tmp_path, "--models", models, "--top-k", "2")
+    assert text.exit_code == 1
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith(f"{images[0]}  ") and " > " in lines[0] and "| top-k: " in lines[0]
+    assert lines[3] == f"{tmp_path / 'bad.png'}  ERROR: empty file"
+    table = list(csv.reader(io.StringIO(run("predict", tmp_path, "--models", models, "--format", "csv").stdout)))
+    assert table[0] == csv_header(2) == [
+        "image", "level_1", "level_2", "confidence_1", "confidence_2", "path_probability", "stopped_early", "top_k",
         "error",
-    }
+    ]  # fmt: skip
+    assert len(table) == 5 and table[4][0] == str(tmp_path / "bad.png") and table[4][-1] == "empty file"
+    assert float(table[1][5]) == pytest.approx(float(table[1][3]) * float(table[1][4]), abs=1e-5)
+
+
+def test_writers_pad_short_paths_and_count_failures():
+    preds = [
+        Prediction("a.jpg", ["b"], [0.9], 0.9, [{"path": ["b", "u"], "probability": 0.5}], stopped_early=True),
+        Prediction("bad.jpg", error="truncated image"),
+    ]
+    out = io.StringIO()
+    assert write_predictions(preds, "csv", 2, 1, out) == 1
+    rows = list(csv.reader(io.StringIO(out.getvalue())))
+    top_k = '[{"path": ["b", "u"], "probability": 0.5}]'
+    assert rows[1] == ["a.jpg", "b", "", "0.900000", "", "0.900000", "True", top_k, ""]
+    assert rows[2] == ["bad.jpg", "", "", "", "", "", "False", "[]", "truncated image"]
+    assert text_line(preds[0], 1) == "a.jpg  b (0.90)  [stopped early]"
+    out = io.StringIO()
+    write_predictions(preds, "json", 2, 1, out)
+    first = json.loads(out.getvalue().splitlines()[0])
+    assert set(first) == {"image", "path", "confidences", "path_probability", "top_k", "stopped_early", "error"}
+    assert first["path"] == ["b"] and first["stopped_early"] is True

@@ -1,0 +1,200 @@
+"""``Cascade``: batched top-down routing through the node models, and decoding of the paths.
+
+Routing works on a batch of images at a time. Each round asks, for every image, which node it
+needs next; the requests are grouped by node and every node model runs once per round on its
+group. Probabilities are cached per (image, node), so the greedy path, the best path, the top-k
+alternatives and the evaluation's per-node checks never run a model twice on the same image.
+
+Decoding is pure: ``greedy`` and ``best_first`` read child probabilities through a lookup
+function and know nothing of networks or images.
+- ``best-path`` (the default) picks the full path with the highest product of probabilities; on
+  the catalogue benchmark it beats greedy routing in every head setting tried (docs/benchmarks.md);
+- ``greedy`` follows the most probable child at each level (the classic LCPN behaviour).
+Top-k paths come from an exact best-first search: a path's probability can only shrink as it goes
+deeper, so the first k leaves taken off a priority queue of partial paths are the k best paths.
+``min_confidence`` cuts the decoded path at the first level below the root whose probability is
+below the threshold (``stopped_early``); the root's decision is always kept.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artefacts import ArtefactError
+from .feed import ImageSource, feed, source_name
+from .hierarchy import ROOT, Hierarchy, names_of
+from .models import AS_TRAINED, Batch, NodeModel, check_fits, load_models
+
+DECODERS = ("best-path", "greedy")
+DEFAULT_DECODE = "best-path"
+
+Request = tuple[int, str]  # (row of the batch, parent node id)
+Step = tuple[str, float]  # (child node id, its probability)
+Scored = tuple[float, list[Step]]  # a full path and its probability
+# Child probabilities for each requested (row, node), in the order of the node's children.
+Lookup = Callable[[Sequence[Request]], Mapping[Request, Sequence[float]]]
+
+
+def greedy(tree: Hierarchy, rows: Iterable[int], lookup: Lookup) -> dict[int, list[Step]]:
+    """The most probable child at every level, from the root to a leaf, per row."""
+    paths: dict[int, list[Step]] = {r: [] for r in rows}
+    frontier = {r: ROOT for r in paths}
+    while frontier:
+        probs = lookup(list(frontier.items()))
+        deeper = {}
+        for r, node in frontier.items():
+            p = probs[(r, node)]
+            i = max(range(len(p)), key=p.__getitem__)
+            child = tree.children[node][i]
+            paths[r].append((child, p[i]))
+            if not tree.is_leaf(child):
+                deeper[r] = child
+        frontier = deeper
+    return paths
+
+
+def best_first(tree: Hierarchy, rows: Iterable[int], lookup: Lookup, k: int) -> dict[int, list[Scored]]:
+    """The k most probable full paths per row with their probabilities, exactly, in batched rounds."""
+    heaps: dict[int, list] = {r: [(-1.0, ROOT, ())] for r in rows}
+    found: dict[int, list[Scored]] = {r: [] for r in heaps}
+    known: dict[Request, Sequence[float]] = {}
+    while True:
+        requests = []
+        for r, heap in heaps.items():
+            # Take finished leaves off the top; stop at the first path whose node is not looked up yet.
+            while heap and len(found[r]) < k:
+                neg, node, steps = heap[0]
+                if tree.is_leaf(node):
+                    heapq.heappop(heap)
+                    found[r].append((-neg, list(steps)))
+                elif (r, node) in known:
+                    heapq.heappop(heap)
+                    for child, p in zip(tree.children[node], known[(r, node)]):
+                        heapq.heappush(heap, (neg * p, child, (*steps, (child, p))))
+                else:
+                    requests.append((r, node))
+                    break
+        if not requests:
+            return found
+        known.update(lookup(requests))
+
+
+def cut(steps: Sequence[Step], min_confidence: float) -> tuple[list[Step], bool]:
+    """The path up to the first level below the root whose probability is below ``min_confidence``."""
+    stop = next((i for i, (_, p) in enumerate(steps) if i > 0 and p < min_confidence), len(steps))
+    return list(steps[:stop]), stop < len(steps)
+
+
+@dataclass
+class Prediction:
+    image: str
+    path: list[str] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    path_probability: float = 0.0
+    top_k: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    error: str | None = None
+
+    @property
+    def node(self) -> str:
+        """The predicted node id ('' when nothing was predicted)."""
+        return "/".join(self.path)
+
+    def to_dict(self) -> dict:
+        return {
+            "image": self.image, "path": self.path, "confidences": [round(c, 6) for c in self.confidences],
+            "path_probability": round(self.path_probability, 6),
+            "top_k": [{"path": t["path"], "probability": round(t["probability"], 6)} for t in self.top_k],
+            "stopped_early": self.stopped_early, "error": self.error,
+        }  # fmt: skip
+
+
+def _names(steps: Sequence[Step]) -> list[str]:
+    return [names_of(node)[-1] for node, _ in steps]
+
+
+class Cascade:
+    """Top-down LCPN prediction over a tree of node models."""
+
+    def __init__(self, tree: Hierarchy, nodes: Mapping[str, NodeModel]) -> None:
+        missing = [n or "root" for n in tree.parents if n not in nodes]
+        if missing:
+            raise ArtefactError(f"no model for node(s) {', '.join(missing)}; run `lcpn train` for them")
+        for node in tree.parents:
+            check_fits(tree, node, nodes[node].classes)
+        self.tree, self.nodes = tree, dict(nodes)
+
+    @classmethod
+    def load(cls, models: str | Path, device: str = "auto", precision: str = AS_TRAINED) -> Cascade:
+        """Every node of a model folder, loaded once (see ``models.load_models``)."""
+        return cls(*load_models(models, device, precision))
+
+    def node_probabilities(self, batch: Batch, probs: dict[Request, torch.Tensor], requests: Iterable[Request]) -> None:
+        """Fill ``probs[(row, node)]`` for the requests not yet known, one model call per node.
+
+        Routing and evaluation share it, so no model runs twice on the same image."""
+        by_node: dict[str, list[int]] = defaultdict(list)
+        for row, node in requests:
+            if (row, node) not in probs and row not in by_node[node]:
+                by_node[node].append(row)
+        for node, rows in by_node.items():
+            for row, p in zip(rows, self.nodes[node].probs(batch, rows)):
+                probs[(row, node)] = p
+
+    def predict_batch(
+        self, images: Sequence[Any], top_k: int = 1, decode: str = DEFAULT_DECODE, min_confidence: float = 0.0,
+        batch: Batch | None = None, probs: dict | None = None,
+    ) -> list[Prediction]:  # fmt: skip
+        """Predict a batch of decoded images; ``batch``/``probs`` may be passed in to share caches."""
+        if decode not in DECODERS:
+            raise ValueError(f"unknown decoder '{decode}'; choose {' or '.join(DECODERS)}")
+        batch = batch or Batch(images)
+        probs = {} if probs is None else probs
+        rows = range(len(batch.images))
+
+        def lookup(requests: Sequence[Request]) -> dict[Request, list[float]]:
+            self.node_probabilities(batch, probs, requests)
+            return {req: probs[req].tolist() for req in requests}
+
+        best = best_first(self.tree, rows, lookup, max(1, top_k)) if decode == "best-path" or top_k > 0 else {}
+        chosen = greedy(self.tree, rows, lookup) if decode == "greedy" else {r: best[r][0][1] for r in rows}
+        out = []
+        for r in rows:
+            kept, stopped = cut(chosen[r], min_confidence)
+            out.append(Prediction(
+                image="", path=_names(kept), confidences=[p for _, p in kept],
+                path_probability=math.prod(p for _, p in kept), stopped_early=stopped,
+                top_k=[{"path": _names(steps), "probability": p} for p, steps in best.get(r, [])[:top_k]],
+            ))  # fmt: skip
+        return out
+
+    def predict(
+        self, sources: Sequence[ImageSource], batch_size: int = 32, top_k: int = 1, decode: str = DEFAULT_DECODE,
+        min_confidence: float = 0.0, workers: int | None = None,
+        on_batch: Callable[[Batch, dict, list[int]], None] | None = None,
+    ) -> Iterator[Prediction]:  # fmt: skip
+        """Predict image files or bytes in order; a source that is not a usable image gets ``error``.
+
+        ``on_batch`` sees each batch, its probability cache, and the index in ``sources`` of each
+        of its rows (evaluation uses it to reuse the work).
+        """
+        start = 0
+        for opened in feed(sources, batch_size, workers):
+            good = [j for j, o in enumerate(opened) if not isinstance(o, Exception)]
+            batch, probs = Batch([opened[j] for j in good]), {}
+            preds = dict(zip(good, self.predict_batch(batch.images, top_k, decode, min_confidence, batch, probs)))
+            if on_batch:
+                on_batch(batch, probs, [start + j for j in good])
+            for j, o in enumerate(opened):
+                pred = preds.get(j) or Prediction(image="", error=str(o))
+                pred.image = source_name(sources[start + j], start + j)
+                yield pred
+            start += len(opened)

@@ -1,0 +1,203 @@
+"""Loading a model folder for inference: every node model and the shared backbone, checked once.
+
+``load_models`` reads ``hierarchy.json``, loads each parent node's model (weights included) and
+checks that it fits the tree, so that routing never meets a broken node halfway through a batch.
+``node_problems`` runs the same checks node by node and collects what is wrong instead of stopping.
+
+Node models answer one question: the child probabilities of some rows of a ``Batch``. A batch
+computes each per-image input (pixels for one transform, the shared backbone's embedding) once.
+
+Precision: ``as-trained`` (the default) runs every network as it was trained: the shared backbone
+in the precision recorded in ``backbone/node.json``, a fine-tuned node in its own recorded
+precision, else float32. ``auto``, ``bf16`` and ``fp32`` override that for every network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from . import artefacts, backbones
+from .artefacts import ArtefactError, NodeInfo
+from .devices import resolve_device, want_bf16
+from .hierarchy import Hierarchy, names_of
+from .runtime import Runtime, SharedBackbone
+
+AS_TRAINED = "as-trained"
+PRECISIONS = (AS_TRAINED, "auto", "bf16", "fp32")
+BACKBONE_FOLDER = "backbone"
+
+
+class Batch:
+    """The images of one batch, with per-image inputs computed once and cached by key."""
+
+    def __init__(self, images: Sequence[Any]) -> None:
+        self.images = list(images)
+        self._cache: dict[Any, dict[int, torch.Tensor]] = defaultdict(dict)
+
+    def inputs(self, key: Any, rows: Sequence[int], compute: Callable[[list[Any]], torch.Tensor]) -> torch.Tensor:
+        cache = self._cache[key]
+        missing = [r for r in rows if r not in cache]
+        if missing:
+            for r, value in zip(missing, compute([self.images[r] for r in missing])):
+                cache[r] = value
+        return torch.stack([cache[r] for r in rows])
+
+
+class NodeModel(Protocol):
+    classes: list[str]
+
+    def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
+        """Child probabilities, shape (len(rows), len(classes))."""
+
+
+@dataclass
+class ConstantNode:
+    classes: list[str]
+
+    def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
+        return torch.ones(len(rows), 1)
+
+
+@dataclass
+class NetworkNode:
+    """A fine-tuned network per node, on its own eval transform."""
+
+    classes: list[str]
+    network: torch.nn.Module
+    transform: Callable
+    runtime: Runtime
+
+    def __post_init__(self) -> None:
+        # Nodes share pixels only when their transforms are the same, whatever their data configs say.
+        self.pixels_key = ("pixels", hashlib.sha256(pickle.dumps(self.transform)).hexdigest())
+
+    def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
+        x = batch.inputs(self.pixels_key, rows, lambda ims: torch.stack([self.transform(im) for im in ims]))
+        return self.runtime.run(self.network, x).softmax(1).cpu()
+
+
+@dataclass
+class HeadNode:
+    classes: list[str]
+    head: torch.nn.Module
+    backbone: SharedBackbone
+
+    def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
+        # The root asks for every image first, so the whole batch is embedded in one pass.
+        feats = batch.inputs("features", rows, self.backbone.embed)
+        with torch.inference_mode():
+            return self.head(feats).float().softmax(1)
+
+
+def read_tree(models: str | Path) -> Hierarchy:
+    """The tree of a model folder (``hierarchy.json``)."""
+    models = Path(models)
+    if not models.is_dir():
+        raise ArtefactError(f"the model folder '{models}' does not exist")
+    if not (models / "hierarchy.json").is_file():
+        raise ArtefactError(f"'{models}' is not an lcpn model folder (no hierarchy.json)")
+    try:
+        return Hierarchy.load(models / "hierarchy.json")
+    except (ValueError, KeyError) as exc:
+        raise ArtefactError(f"'{models / 'hierarchy.json'}' is not a valid tree ({exc})") from None
+
+
+def check_fits(tree: Hierarchy, node: str, classes: Sequence[str]) -> None:
+    """A node model must know exactly the node's children, in the tree's order."""
+    expected = [names_of(c)[-1] for c in tree.children[node]]
+    if list(classes) != expected:
+        raise ArtefactError(f"the model of node '{node or 'root'}' knows {list(classes)}, but the tree has {expected}")
+
+
+def load_models(
+    models: str | Path, device: str = "auto", precision: str = AS_TRAINED
+) -> tuple[Hierarchy, dict[str, NodeModel]]:
+    """The tree and every parent node's model, loaded and checked; raises ArtefactError."""
+    loader = _Loader(Path(models), read_tree(models), device, precision)
+    return loader.tree, {node: loader.node(node) for node in loader.tree.parents}
+
+
+def node_problems(models: str | Path) -> dict[str, str]:
+    """What keeps each parent node from loading (on the CPU), by node id; empty when all load."""
+    loader = _Loader(Path(models), read_tree(models), "cpu", "fp32")
+    problems = {}
+    for node in loader.tree.parents:
+        try:
+            loader.node(node)
+        except ArtefactError as exc:
+            problems[node] = str(exc)
+    return problems
+
+
+def recorded_precision(info: NodeInfo) -> str:
+    """The precision a network was trained in: ``config.precision``, or the older ``config.bf16`` flag."""
+    recorded = info.config.get("precision")
+    if recorded in ("bf16", "fp32"):
+        return recorded
+    return "bf16" if info.config.get("bf16") is True else "fp32"
+
+
+class _Loader:
+    """Loads nodes one at a time; the shared backbone once, on the first features node."""
+
+    def __init__(self, models: Path, tree: Hierarchy, device: str, precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{precision}'; choose {', '.join(PRECISIONS)}")
+        self.models, self.tree, self.precision = models, tree, precision
+        self.device = resolve_device(device)
+        self._backbone: SharedBackbone | None = None
+
+    def runtime(self, info: NodeInfo) -> Runtime:
+        chosen = recorded_precision(info) if self.precision == AS_TRAINED else self.precision
+        return Runtime(self.device, want_bf16(chosen, self.device))
+
+    def node(self, node: str) -> NodeModel:
+        folder = self.models / self.tree.folders[node]
+        loaded = artefacts.load_node(folder)
+        info = loaded.info
+        check_fits(self.tree, node, info.classes)
+        if info.kind == "constant":
+            return ConstantNode(info.classes)
+        if info.mode == "features":
+            backbone = self.backbone()
+            _check_head_fits(node, info, backbone, self.models)
+            return HeadNode(info.classes, loaded.network.to("cpu"), backbone)
+        network = loaded.network.to(self.device, memory_format=torch.channels_last)
+        return NetworkNode(info.classes, network, loaded.transforms, self.runtime(info))
+
+    def backbone(self) -> SharedBackbone:
+        """The frozen backbone stored once in ``<models>/backbone/`` for features-mode heads."""
+        if self._backbone is None:
+            folder = self.models / BACKBONE_FOLDER
+            info = artefacts.read_info(folder)
+            network = backbones.build(info.backbone, 0)
+            artefacts.load_weights(network, folder / artefacts.MODEL)
+            # Model folders from before stage features have no "stage_features": their heads read the final features.
+            embedder = backbones.Embedder(network, int(info.config.get("stage_features", 0)))
+            embedder.eval().to(self.device, memory_format=torch.channels_last)
+            data = artefacts.data_config(info)
+            self._backbone = SharedBackbone(info.backbone, embedder, data, self.runtime(info))
+        return self._backbone
+
+
+def _check_head_fits(node: str, info: NodeInfo, shared: SharedBackbone, models: Path) -> None:
+    """A head trained on another embedding (``lcpn train --node`` with other options) must not load."""
+    trained_on = (info.backbone, artefacts.data_config(info).image_size, artefacts.head_in_features(info))
+    given = (shared.name, shared.data.image_size, shared.embedder.dim)
+    if trained_on != given:
+        raise ArtefactError(
+            f"the head of node '{node or 'root'}' was trained on {_describe(*trained_on)} embeddings, but "
+            f"{models / BACKBONE_FOLDER} gives {_describe(*given)} ones; retrain that node with the others' options"
+        )
+
+
+def _describe(backbone: str, size: int, dim: int) -> str:
+    return f"{backbone} {size} px {dim}-feature"

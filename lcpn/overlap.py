@@ -1,0 +1,87 @@
+"""Which evaluation images the models were trained on: the same file, or a near-duplicate of one.
+
+A model folder records the split it was trained from (``split`` in its ``hierarchy.json``); that
+split's ``images.csv`` lists every image with its side (train / val / test), its SHA-256 and, when
+``prepare`` recorded it, a 64-bit perceptual hash (``phash``, 16 hex digits). Train and val images
+both shaped the models (val chose the epochs and the heads' settings), so both count; test images
+do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from PIL import Image
+
+from . import fsio
+
+# Perceptual hashes at most this many bits apart are taken for one picture (as prepare groups them).
+NEAR_DUPLICATE_BITS = 4
+SEEN_SIDES = ("train", "val")
+
+
+class NoTrainingRecord(Exception):
+    """The images the models were trained on cannot be known; the message says why."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    sha256: str
+    phash: str | None = None
+
+
+@dataclass
+class TrainingImages:
+    split: Path
+    sha256: set[str]
+    phash: list[str] | None  # None when the split recorded no perceptual hashes
+
+    @classmethod
+    def of_models(cls, models: Path) -> TrainingImages:
+        """The train and val images of the split that ``models`` was trained from."""
+        try:
+            recorded = json.loads((models / "hierarchy.json").read_text(encoding="utf-8")).get("split")
+        except (OSError, ValueError) as exc:
+            raise NoTrainingRecord(f"'{models / 'hierarchy.json'}' cannot be read ({exc})") from None
+        if not isinstance(recorded, str):
+            raise NoTrainingRecord(f"'{models / 'hierarchy.json'}' does not record the split it was trained from")
+        split = Path(recorded)
+        if not (split / "images.csv").is_file():
+            raise NoTrainingRecord(f"the split the models were trained from, '{split}', is not there")
+        seen = [r for r in fsio.read_csv(split / "images.csv") if r.get("split") in SEEN_SIDES]
+        phash = [r["phash"] for r in seen] if seen and all(r.get("phash") for r in seen) else None
+        return cls(split, {r["sha256"] for r in seen}, phash)
+
+    def fingerprint(self, path: str, picture: Image.Image) -> Fingerprint:
+        """What ``count`` compares of one evaluation image (its perceptual hash only if the split has them)."""
+        sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return Fingerprint(sha, perceptual_hash(picture) if self.phash is not None else None)
+
+    def count(self, fingerprints: Sequence[Fingerprint]) -> dict:
+        """How many images are training files (``exact``) or near-duplicates of one (``near``)."""
+        others = [f for f in fingerprints if f.sha256 not in self.sha256]
+        near = 0
+        if self.phash and others and others[0].phash is not None:
+            near = len({i for i, _ in near_pairs([f.phash for f in others], self.phash)})
+        return {"exact": len(fingerprints) - len(others), "near": near, "split": str(self.split),
+                "near_checked": self.phash is not None}  # fmt: skip
+
+
+def perceptual_hash(picture: Image.Image) -> str:
+    """The 64-bit pHash of a decoded picture, as 16 hex digits."""
+    return str(imagehash.phash(picture))
+
+
+def near_pairs(hashes: Sequence[str], others: Sequence[str]) -> list[tuple[int, int]]:
+    """Index pairs ``(i, j)`` where ``hashes[i]`` and ``others[j]`` are at most NEAR_DUPLICATE_BITS apart."""
+    a, b = (np.array([int(h, 16) for h in hs], dtype=np.uint64) for hs in (hashes, others))
+    pairs = []
+    for i, h in enumerate(a):  # one row at a time: memory stays at len(others) distances
+        pairs += [(i, int(j)) for j in np.nonzero(np.bitwise_count(b ^ h) <= NEAR_DUPLICATE_BITS)[0]]
+    return pairs
