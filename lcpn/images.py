@@ -14,6 +14,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 64_000_000
 # Folder entries that are never images and never worth a warning (macOS and Windows leftovers).
 IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
+# File name endings of the usual image formats, for telling image files (and folders named like them) apart.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 # Pillow warns above its own limit (about 89 million pixels), well past MAX_PIXELS, so its warning
 # would only ever precede a refusal that is reported per file. It is silenced once, here: a
