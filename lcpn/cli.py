@@ -112,9 +112,11 @@ def prepare(
     SOURCE is a folder tree of any depth: each folder is a class and images sit in the leaf
     folders (files next to sub-folders are excluded and reported). With --csv, the tree comes
     from the --levels columns instead. Every image is decoded; unreadable files are excluded with
-    their reason, byte-identical files stay on one side of the split, and leaves too small to
-    split stay in train.
+    their reason, byte-identical files and near-identical pictures (by perceptual hash) stay on one
+    side of the split, and leaves too small to split stay in train. The split replaces --out whole
+    once it is complete.
     """
+    from .errors import LcpnError
     from .prepare import format_summary
     from .prepare import prepare as run_prepare
 
@@ -132,7 +134,7 @@ def prepare(
             described = str(source)
         start = time.perf_counter()
         result = run_prepare(items, excluded, out, described, val, test, seed, min_images, materialize)
-    except (SourceError, ValueError) as exc:
+    except LcpnError as exc:
         raise click.UsageError(f"{exc}.") from None
     click.echo(format_summary(result.summary, result.split.hierarchy, out))
     click.echo(f"\nDone in {time.perf_counter() - start:.1f} s.")
