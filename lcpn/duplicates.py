@@ -22,8 +22,8 @@ from PIL import Image
 # (one silhouette drawn in other colours, like the colour variants of one product) come as close;
 # grouping them only keeps them on one side of the split. Unrelated hashes are about 32 bits apart.
 NEAR_DUPLICATE_BITS = 4
-# Rows of hashes compared with all the others at once: 256 x 10,000 distances take 20 MB.
-_BLOCK = 256
+# Distances computed at once (8 bytes each): bounds the memory whatever the number of hashes.
+_DISTANCES_PER_BLOCK = 4_000_000
 
 
 def perceptual_hash(picture: Image.Image) -> str:
@@ -43,9 +43,10 @@ def near_pairs(
     a = _as_uint64(hashes)
     b = a if others is None else _as_uint64(others)
     pairs: list[tuple[int, int]] = []
-    for start in range(0, len(a), _BLOCK):
+    rows = max(1, _DISTANCES_PER_BLOCK // max(1, len(b)))
+    for start in range(0, len(a), rows):
         first = start if others is None else 0  # within one list, only the pairs with j >= i
-        distance = np.bitwise_count(a[start : start + _BLOCK, None] ^ b[None, first:])
+        distance = np.bitwise_count(a[start : start + rows, None] ^ b[None, first:])
         i, j = np.nonzero(distance <= max_bits)
         i, j = i + start, j + first
         if others is None:
