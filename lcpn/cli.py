@@ -129,28 +129,26 @@ def prepare(
     SOURCE is a folder tree of any depth: each folder is a class and images sit in the leaf
     folders (files next to sub-folders are excluded and reported). With --csv, the tree comes
     from the --levels columns instead. Every image is decoded; unreadable files are excluded with
-    their reason, byte-identical files stay on one side of the split, and leaves too small to
-    split stay in train.
+    their reason, byte-identical files and near-identical pictures (by perceptual hash) stay on one
+    side of the split, and leaves too small to split stay in train. The split replaces --out whole
+    once it is complete.
     """
     from .prepare import format_summary
     from .prepare import prepare as run_prepare
 
     if val + test >= 1:
         raise click.UsageError("--val and --test together must leave some images for training.")
-    try:
-        if csv_file is not None:
-            if source is not None:
-                raise click.UsageError("give either SOURCE or --csv, not both.")
-            items, excluded, described = _scan_csv_source(csv_file, levels, path_column, image_root)
-        else:
-            if source is None:
-                raise click.UsageError("give a SOURCE folder, or --csv FILE --levels ...")
-            items, excluded = scan_tree(source)
-            described = str(source)
-        start = time.perf_counter()
-        result = run_prepare(items, excluded, out, described, val, test, seed, min_images, materialize)
-    except ValueError as exc:
-        raise click.UsageError(f"{exc}.") from None
+    if csv_file is not None:
+        if source is not None:
+            raise click.UsageError("give either SOURCE or --csv, not both.")
+        items, excluded, described = _scan_csv_source(csv_file, levels, path_column, image_root)
+    else:
+        if source is None:
+            raise click.UsageError("give a SOURCE folder, or --csv FILE --levels ...")
+        items, excluded = scan_tree(source)
+        described = str(source)
+    start = time.perf_counter()
+    result = run_prepare(items, excluded, out, described, val, test, seed, min_images, materialize)
     click.echo(format_summary(result.summary, result.split.hierarchy, out))
     click.echo(f"\nDone in {time.perf_counter() - start:.1f} s.")
 

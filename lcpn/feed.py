@@ -14,9 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import LcpnError
-from .images import ImageError, open_rgb
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from .images import IMAGE_SUFFIXES, ImageError, open_rgb
 
 ImageSource = str | Path | bytes  # a file, or an image's bytes (an upload)
 

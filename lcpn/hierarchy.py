@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,15 +160,22 @@ def safe_folder_name(name: str) -> str:
     return cleaned or "_"
 
 
+def _folder_key(folder: str) -> str:
+    """What a folder name is on macOS and Windows, which ignore case and Unicode composition."""
+    return unicodedata.normalize("NFC", folder).casefold()
+
+
 def _assign_folders(children: dict[str, tuple[str, ...]]) -> dict[str, str]:
     """Folder (relative path) for every parent node: nested like the tree, root in ``parent/``.
 
     A class that would collide with the root folder, a reserved file name or, after cleaning
-    unsafe characters, a sibling's folder gets a numbered suffix.
+    unsafe characters, a sibling's folder gets a numbered suffix. Names are compared as a
+    case-insensitive file system sees them, so ``Bags`` and ``bags`` get ``Bags`` and ``bags_2``.
     """
     folders: dict[str, str] = {}
     parents = sorted((n for n, c in children.items() if c), key=lambda n: (depth_of(n), n))
     taken: set[str] = set()
+    reserved = {_folder_key(name) for name in _RESERVED}
     for node in parents:
         if node == ROOT:
             base = ROOT_FOLDER
@@ -176,12 +184,12 @@ def _assign_folders(children: dict[str, tuple[str, ...]]) -> dict[str, str]:
             base = (up + SEP if up else "") + safe_folder_name(names_of(node)[-1])
         candidate, i = base, 1
         while (
-            candidate in taken
-            or candidate.rpartition(SEP)[2] in _RESERVED
-            or (node != ROOT and candidate == ROOT_FOLDER)
+            _folder_key(candidate) in taken
+            or _folder_key(candidate.rpartition(SEP)[2]) in reserved
+            or (node != ROOT and _folder_key(candidate) == ROOT_FOLDER)
         ):
             i += 1
             candidate = f"{base}_{i}"
-        taken.add(candidate)
+        taken.add(_folder_key(candidate))
         folders[node] = candidate
     return folders

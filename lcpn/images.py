@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 import warnings
 from pathlib import Path
 
@@ -12,6 +14,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 64_000_000
 # Folder entries that are never images and never worth a warning (macOS and Windows leftovers).
 IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
+# File name endings of the usual image formats, for telling image files (and folders named like them) apart.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+# Pillow warns above its own limit (about 89 million pixels), well past MAX_PIXELS, so its warning
+# would only ever precede a refusal that is reported per file. It is silenced once, here: a
+# warnings.catch_warnings() block per image would swap the process-wide filters under other threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+# A JPEG marker: FF then a code; not a stuffed 00, a restart marker (D0-D7) or a fill byte FF.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_END_OF_IMAGE = 0xD9
+_WITHOUT_LENGTH = {0x01, 0xD8}  # TEM and start of image stand alone; every other segment has a length
 
 
 class ImageError(Exception):
@@ -23,30 +37,31 @@ def is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name in IGNORED_NAMES
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Open any image as a fully decoded RGB picture with its EXIF orientation applied.
-
-    Raises ImageError for missing, empty, non-image, truncated, undecodable and oversized files.
-    """
-    path = Path(path)
+def read_file(path: str | Path) -> bytes:
+    """The bytes of an image file; ImageError when the file cannot be read."""
     try:
-        size = path.stat().st_size
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read file ({exc.strerror or exc})") from None
-    if size == 0:
+
+
+def open_rgb(source: str | Path | bytes) -> Image.Image:
+    """Open an image file, or its bytes (an upload), as a decoded RGB picture with its EXIF orientation applied.
+
+    Raises ImageError for missing, empty, non-image, truncated, undecodable and oversized images.
+    """
+    data = source if isinstance(source, bytes) else read_file(source)
+    if not data:
         raise ImageError("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > MAX_PIXELS:
-                    raise ImageError(f"decompression bomb ({w}x{h} pixels, limit {MAX_PIXELS})")
-                im.load()
-                if im.format == "JPEG" and _jpeg_cut_short(path):
-                    raise ImageError("truncated image")
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"decompression bomb ({w}x{h} pixels, limit {MAX_PIXELS})")
+            im.load()
+            if im.format == "JPEG" and _jpeg_cut_short(data):
+                raise ImageError("truncated image")
+            return _to_rgb(ImageOps.exif_transpose(im))
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -61,15 +76,24 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise ImageError(f"undecodable image ({exc})") from None
 
 
-def _jpeg_cut_short(path: Path) -> bool:
-    """True when the last scan of a JPEG has no end marker after it.
+def _jpeg_cut_short(data: bytes) -> bool:
+    """True when a JPEG's data ends before its end-of-image marker.
 
-    libjpeg decodes a file cut inside its last scan with only a warning, filling the rest grey.
-    FF D9 (end of image) and FF DA (start of scan) never occur inside entropy-coded data, and an
-    EXIF thumbnail's markers come before the main scan, so the last FF D9 must follow the last FF DA.
+    libjpeg decodes a file cut inside its last scan with only a warning, filling the rest grey. The
+    walk goes marker by marker from the start: segments are skipped by their length (so an EXIF
+    thumbnail inside APP1 is never mistaken for the end), and in a scan's entropy-coded data FF is
+    only ever followed by 00, a restart marker or the next marker. Whatever follows the end of image
+    (a Motion Photo's video, an appended thumbnail) is not looked at.
     """
-    data = path.read_bytes()
-    return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+    pos = 2  # after the start-of-image marker
+    while (marker := _NEXT_MARKER.search(data, pos)) is not None:
+        pos = marker.end()
+        code = data[pos - 1]
+        if code == _END_OF_IMAGE:
+            return False
+        if code not in _WITHOUT_LENGTH:
+            pos += int.from_bytes(data[pos : pos + 2], "big")
+    return True
 
 
 def check_image(path: str | Path) -> str | None:

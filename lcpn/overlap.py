@@ -15,14 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
-import numpy as np
 from PIL import Image
 
 from . import fsio
+from .duplicates import near_pairs, perceptual_hash
 
-# Perceptual hashes at most this many bits apart are taken for one picture (as prepare groups them).
-NEAR_DUPLICATE_BITS = 4
 SEEN_SIDES = ("train", "val")
 
 
@@ -71,17 +68,3 @@ class TrainingImages:
             near = len({i for i, _ in near_pairs([f.phash for f in others], self.phash)})
         return {"exact": len(fingerprints) - len(others), "near": near, "split": str(self.split),
                 "near_checked": self.phash is not None}  # fmt: skip
-
-
-def perceptual_hash(picture: Image.Image) -> str:
-    """The 64-bit pHash of a decoded picture, as 16 hex digits."""
-    return str(imagehash.phash(picture))
-
-
-def near_pairs(hashes: Sequence[str], others: Sequence[str]) -> list[tuple[int, int]]:
-    """Index pairs ``(i, j)`` where ``hashes[i]`` and ``others[j]`` are at most NEAR_DUPLICATE_BITS apart."""
-    a, b = (np.array([int(h, 16) for h in hs], dtype=np.uint64) for hs in (hashes, others))
-    pairs = []
-    for i, h in enumerate(a):  # one row at a time: memory stays at len(others) distances
-        pairs += [(i, int(j)) for j in np.nonzero(np.bitwise_count(b ^ h) <= NEAR_DUPLICATE_BITS)[0]]
-    return pairs

@@ -4,9 +4,13 @@ Output (``split_datasets/`` by default)::
 
     hierarchy.json       the tree, node -> folder map, and how the split was made
     summary.json         counts, excluded files with reasons, duplicate groups, small leaves
-    images.csv           every kept image: path, sha256, leaf, split
-    test.csv             the global end-to-end test set: path, sha256, label_path
+    images.csv           every kept image: path, sha256, leaf, split, phash
+    test.csv             the global end-to-end test set: path, sha256, label_path, phash
     <node folder>/train.csv, val.csv   per parent node: path, sha256, label (child class name)
+
+The split is written into a temporary folder beside ``--out`` that replaces the old split whole
+once it is complete, so a killed or failed run leaves the old split or none, never a mix; the old
+split's embedding cache moves over. ``phash`` is the perceptual hash of ``duplicates``.
 """
 
 from __future__ import annotations
@@ -20,18 +24,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from . import __version__, fsio
+from .duplicates import NEAR_DUPLICATE_BITS, perceptual_hash
+from .errors import LcpnError
 from .hierarchy import Hierarchy, names_of
-from .images import check_image
-from .sources import Excluded, LabelledImage
+from .images import ImageError, open_rgb, read_file
+from .sources import Excluded, LabelledImage, SourceError
 from .split import TEST, TRAIN, VAL, Image, SplitResult, make_split
 
 log = logging.getLogger(__name__)
 
 MANIFEST_HEADER = ("path", "sha256", "label")
-TEST_HEADER = ("path", "sha256", "label_path")
+TEST_HEADER = ("path", "sha256", "label_path", "phash")
+IMAGES_HEADER = ("path", "sha256", "leaf", "split", "phash")
+# Kept from the old split when a new one replaces it: features mode's embedding cache, keyed by
+# file content and backbone, so it stays valid whatever the new split is.
+KEPT_FROM_OLD_SPLIT = ("embeddings",)
+
+
+class SplitFolderError(LcpnError):
+    """``--out`` cannot take a split without losing something; the message says why."""
 
 
 @dataclass
@@ -45,11 +60,12 @@ def inspect(items: list[LabelledImage], workers: int | None = None) -> tuple[lis
     """Decode and hash every file in parallel threads (PIL and hashlib release the GIL)."""
 
     def one(item: LabelledImage) -> Image | Excluded:
-        reason = check_image(item.path)
-        if reason:
-            return Excluded(item.path, reason)
-        digest = hashlib.sha256(Path(item.path).read_bytes()).hexdigest()
-        return Image(item.path, item.leaf, digest)
+        try:
+            data = read_file(item.path)
+            picture = open_rgb(data)
+        except ImageError as exc:
+            return Excluded(item.path, str(exc))
+        return Image(item.path, item.leaf, hashlib.sha256(data).hexdigest(), perceptual_hash(picture))
 
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     good: list[Image] = []
@@ -73,29 +89,51 @@ def prepare(
     materialize: str | None = None,
 ) -> PrepareResult:
     """Check, split and write; ``excluded`` holds what the source scan already left out."""
+    out = Path(out)
+    _check_replaceable(out, items)
     images, bad = inspect(items)
     excluded = sorted([*excluded, *bad], key=lambda e: e.path)
     if not images:
-        raise ValueError("no readable images were found")
+        raise SourceError("no readable images were found")
     result = make_split(images, val=val, test=test, seed=seed, min_images=min_images)
     tree = result.hierarchy
     if len(tree.leaves) < 2:
         only = tree.leaves[0] if tree.leaves else "none"
-        raise ValueError(f"a classifier needs at least two classes, but the data has one ({only})")
+        raise SourceError(f"a classifier needs at least two classes, but the data has one ({only})")
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"source": source, "val": val, "test": test, "seed": seed, "min_images": min_images}
-    fsio.write_json(out / "hierarchy.json", {**tree.to_dict(), "split": settings, "lcpn_version": __version__})
+    with fsio.disk_full_as_error(out), fsio.replaced_folder(out, keep=KEPT_FROM_OLD_SPLIT) as folder:
+        summary = _write_split(folder, result, excluded, settings, materialize)
+    return PrepareResult(split=result, excluded=excluded, summary=summary)
+
+
+def _check_replaceable(out: Path, items: list[LabelledImage]) -> None:
+    """Refuse an ``--out`` whose replacement would delete files that are not a split's."""
+    if out.exists() and not out.is_dir():
+        raise SplitFolderError(f"'{out}' is a file, not a folder; give --out a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "hierarchy.json").is_file():
+        raise SplitFolderError(
+            f"'{out}' holds other files and no split; give --out a new or empty folder (prepare replaces it whole)"
+        )
+    inside = out.resolve()
+    if any(Path(item.path).is_relative_to(inside) for item in items):
+        raise SplitFolderError(f"the images are inside '{out}', which prepare replaces; choose another --out folder")
+
+
+def _write_split(
+    out: Path, result: SplitResult, excluded: list[Excluded], settings: dict, materialize: str | None
+) -> dict:
+    """Write every file of the split into ``out``; hierarchy.json, which marks a split as made, last."""
+    tree = result.hierarchy
     fsio.write_csv(
         out / "images.csv",
-        ("path", "sha256", "leaf", "split"),
-        ((im.path, im.sha256, im.leaf, result.split_of(im)) for im in result.images),
+        IMAGES_HEADER,
+        ((im.path, im.sha256, im.leaf, result.split_of(im), im.phash) for im in result.images),
     )
     fsio.write_csv(
         out / "test.csv",
         TEST_HEADER,
-        ((im.path, im.sha256, im.leaf) for im in result.images if result.split_of(im) == TEST),
+        ((im.path, im.sha256, im.leaf, im.phash) for im in result.images if result.split_of(im) == TEST),
     )
     node_counts = {}
     for node in tree.parents:
@@ -112,13 +150,12 @@ def prepare(
 
     summary = _summary(result, excluded, node_counts, settings)
     fsio.write_json(out / "summary.json", summary)
-    return PrepareResult(split=result, excluded=excluded, summary=summary)
+    fsio.write_json(out / "hierarchy.json", {**tree.to_dict(), "split": settings, "lcpn_version": __version__})
+    return summary
 
 
 def _materialize(target: Path, rows: list[tuple[str, str, str]], how: str) -> None:
-    """Lay a manifest out as ``<target>/<class>/<file>`` (symlinks or copies); rebuilt each run."""
-    if target.exists():
-        shutil.rmtree(target)
+    """Lay a manifest out as ``<target>/<class>/<file>`` (symlinks or copies)."""
     for i, (path, _, label) in enumerate(rows):
         dest = target / label / f"{i:06d}_{Path(path).name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +188,9 @@ def _summary(result: SplitResult, excluded: list[Excluded], node_counts: dict, s
         "dropped_by_min_images": result.dropped,
         "duplicate_groups": result.duplicate_groups,
         "conflicting_duplicates": result.conflicting_duplicates,
+        "near_duplicate_max_bits": NEAR_DUPLICATE_BITS,
+        "near_duplicate_groups": result.near_duplicate_groups,
+        "conflicting_near_duplicates": result.conflicting_near_duplicates,
     }
 
 
@@ -164,15 +204,17 @@ def format_summary(summary: dict, tree: Hierarchy, out: Path, show: int = 10) ->
         f"  tree: depth {t['depth']}, {t['leaves']} leaves, {t['parents']} parent nodes "
         f"({t['trainable_nodes']} to train, {len(t['constant_nodes'])} with a single child)",
         "",
-        f"  {'node':<40} {'children':>8} {'train':>7} {'val':>6}",
     ]
+    rows = []
     for node in tree.parents:
-        c = summary["nodes"][node or "(root)"]
-        lines.append(
-            f"  {(node or '(root)')[:40]:<40} {len(tree.children[node]):>8} "
-            f"{sum(c['train'].values()):>7} {sum(c['val'].values()):>6}"
-        )
-    lines.append(f"  {'test (end to end)':<40} {'':>8} {'':>7} {im['test']:>6}")
+        counts = summary["nodes"][node or "(root)"]
+        rows.append([node or "(root)", len(tree.children[node]), *(sum(counts[s].values()) for s in (TRAIN, VAL))])
+    rows.append(["test (end to end)", "", "", im["test"]])
+    # Class names that look like numbers ("2024", "1e5") stay as written.
+    table = tabulate(
+        rows, ["node", "children", "train", "val"], "plain", disable_numparse=True, colalign=("left", *["right"] * 3)
+    )
+    lines.extend(f"  {line}" for line in table.splitlines())
 
     def listing(title: str, entries: list[str]) -> None:
         if not entries:
@@ -198,6 +240,15 @@ def format_summary(summary: dict, tree: Hierarchy, out: Path, show: int = 10) ->
     listing(
         "Warning: identical files with different labels",
         [" = ".join(g) for g in summary["conflicting_duplicates"]],
+    )
+    listing(
+        f"Groups of near-identical pictures (perceptual hashes at most {summary['near_duplicate_max_bits']} of 64 "
+        "bits apart; each kept on one side of the split)",
+        [" ~ ".join(Path(p).name for p in g) for g in summary["near_duplicate_groups"]],
+    )
+    listing(
+        "Warning: near-identical pictures with different labels",
+        [" ~ ".join(g) for g in summary["conflicting_near_duplicates"]],
     )
     if summary["tree"]["constant_nodes"]:
         lines.extend(

@@ -11,12 +11,14 @@ reported. Files at the top of the tree (a README, a config file) belong to no cl
 from __future__ import annotations
 
 import csv
+import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LcpnError
 from .hierarchy import SEP, node_id
-from .images import is_hidden
+from .images import IMAGE_SUFFIXES, is_hidden
 
 
 class SourceError(LcpnError):
@@ -36,7 +38,13 @@ class Excluded:
 
 
 def scan_tree(root: str | Path) -> tuple[list[LabelledImage], list[Excluded]]:
-    """Every file below ``root`` labelled by its folder path; hidden files are ignored."""
+    """Every file below ``root`` labelled by its folder path; hidden files are ignored.
+
+    Links to folders are followed, but every folder is scanned once only (by device and inode): a
+    link back up the tree or a second link to a class folder is reported instead, and so is a
+    folder named like an image file (``x.jpg/``), which would otherwise turn its class's images into
+    files beside a sub-folder.
+    """
     root = Path(root)
     if not root.exists():
         raise SourceError(f"the folder '{root}' does not exist")
@@ -45,11 +53,34 @@ def scan_tree(root: str | Path) -> tuple[list[LabelledImage], list[Excluded]]:
     root = root.resolve()
     items: list[LabelledImage] = []
     excluded: list[Excluded] = []
+    scanned: dict[tuple[int, int], Path] = {}
+
+    def first_visit(folder: Path) -> bool:
+        """Record ``folder``, or report it and say False when it was scanned before or is a link to a
+        folder of the tree (scanned in its own place)."""
+        info = folder.stat()
+        target = folder.resolve()
+        if folder.is_symlink() and target.is_relative_to(root):
+            seen_as = target  # the folder itself is scanned where it is
+        else:
+            seen_as = scanned.setdefault((info.st_dev, info.st_ino), folder)
+            if seen_as == folder:
+                return True
+        excluded.append(Excluded(str(folder), f"a link to '{seen_as}', a folder scanned only once"))
+        return False
 
     def walk(folder: Path, names: tuple[str, ...]) -> None:
-        entries = sorted(p for p in folder.iterdir() if not is_hidden(p))
-        subdirs = [p for p in entries if p.is_dir()]
-        files = [p for p in entries if p.is_file()]
+        subdirs, files = [], []
+        for entry in sorted(p for p in folder.iterdir() if not is_hidden(p)):
+            if entry.is_file():
+                files.append(entry)
+            elif not entry.is_dir():
+                if names:
+                    excluded.append(Excluded(str(entry), "neither a file nor a folder (a broken link?)"))
+            elif entry.suffix.lower() in IMAGE_SUFFIXES:
+                excluded.append(Excluded(str(entry), "a folder named like an image file (not scanned)"))
+            elif first_visit(entry):
+                subdirs.append(entry)
         if subdirs and names:  # files at the top (a README, a config) belong to no class
             for f in files:
                 excluded.append(Excluded(str(f), "file in a folder that has sub-folders (not a leaf class)"))
@@ -59,6 +90,7 @@ def scan_tree(root: str | Path) -> tuple[list[LabelledImage], list[Excluded]]:
         elif names:
             items.extend(LabelledImage(str(f), node_id(names)) for f in files)
 
+    first_visit(root)
     walk(root, ())
     if not items:
         raise SourceError(f"no images found in class folders below '{root}'")
@@ -73,9 +105,11 @@ def scan_csv(
 ) -> tuple[list[LabelledImage], list[Excluded]]:
     """Rows of a CSV labelled by the given level columns, top level first.
 
-    Relative image paths are resolved against ``image_root`` (default: the CSV's folder). Rows with
-    an empty label or a missing file are left out with the row number in the reason. A ``/`` in a
-    label would break node ids, so it is replaced by ``_``.
+    Relative image paths are resolved against ``image_root`` (default: the CSV's folder); a path
+    that leads outside it (``../../etc/shadow``, an absolute path elsewhere) is never opened. Rows
+    with an empty label, a label with a control character (a quoted line break would make a new
+    class), or a missing file are left out, and a file listed again is kept once; each is reported
+    with its line number. A ``/`` in a label would break node ids, so it is replaced by ``_``.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -86,6 +120,9 @@ def scan_csv(
     if not root.is_dir():
         raise SourceError(f"the image root '{root}' is not a folder")
     root = root.resolve()
+    items: list[LabelledImage] = []
+    excluded: list[Excluded] = []
+    kept: dict[str, tuple[int, str]] = {}  # path -> line and leaf of the row that is used
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
@@ -95,25 +132,41 @@ def scan_csv(
                 f"the CSV '{csv_path.name}' has no column {', '.join(repr(c) for c in missing)} "
                 f"(its columns are: {', '.join(columns) or 'none'})"
             )
-        rows = list(reader)
-    items: list[LabelledImage] = []
-    excluded: list[Excluded] = []
-    for lineno, row in enumerate(rows, start=2):  # line 1 is the header
-        rel = (row.get(path_column) or "").strip()
-        where = f"{csv_path.name} line {lineno}"
-        if not rel:
-            excluded.append(Excluded(where, f"empty '{path_column}'"))
-            continue
-        path = (root / rel).resolve()
-        empty = [c for c in levels if not (row.get(c) or "").strip()]
-        if empty:
-            excluded.append(Excluded(str(path), f"{where}: empty label in {', '.join(empty)}"))
-            continue
-        if not path.is_file():
-            excluded.append(Excluded(str(path), f"{where}: file not found"))
-            continue
-        names = [(row[c] or "").strip().replace(SEP, "_") for c in levels]
-        items.append(LabelledImage(str(path), node_id(names)))
+        for row in reader:
+            # The record's first line: a quoted line break makes a record span more than one.
+            lineno = reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str))
+            where = f"{csv_path.name} line {lineno}"
+            rel = (row.get(path_column) or "").strip()
+            if not rel:
+                excluded.append(Excluded(where, f"empty '{path_column}'"))
+                continue
+            path = (root / rel).resolve()
+            if not (Path(os.path.normpath(root / rel)).is_relative_to(root) or path.is_relative_to(root)):
+                excluded.append(Excluded(rel, f"{where}: outside the image root '{root}' (not opened)"))
+                continue
+            labels = [(row.get(c) or "").strip() for c in levels]
+            reason = _label_problem(levels, labels) or (None if path.is_file() else "file not found")
+            leaf = node_id(v.replace(SEP, "_") for v in labels)
+            if reason is None and str(path) in kept:
+                first, first_leaf = kept[str(path)]
+                reason = f"the same file as line {first}" + (
+                    " (kept once)" if leaf == first_leaf else f", with other labels (line {first} is kept)"
+                )
+            if reason is not None:
+                excluded.append(Excluded(str(path), f"{where}: {reason}"))
+                continue
+            kept[str(path)] = (lineno, leaf)
+            items.append(LabelledImage(str(path), leaf))
     if not items:
         raise SourceError(f"no usable rows in '{csv_path}'")
     return items, excluded
+
+
+def _label_problem(levels: list[str], labels: list[str]) -> str | None:
+    empty = [c for c, v in zip(levels, labels) if not v]
+    if empty:
+        return f"empty label in {', '.join(empty)}"
+    control = [c for c, v in zip(levels, labels) if any(unicodedata.category(ch) == "Cc" for ch in v)]
+    if control:
+        return f"a control character (such as a line break) in {', '.join(control)}"
+    return None

@@ -2,8 +2,10 @@
 
 The split is made once, stratified by leaf. Every parent node's train/val set is the part of that
 one split below the node, relabelled with the node's child on the path. So an image used to train
-any node is never in the end-to-end test set. Byte-identical files form one group that lands on
-one side. Leaves too small to split stay in train and are reported.
+any node is never in the end-to-end test set. Byte-identical files and near-identical pictures
+(perceptual hashes within ``duplicates.NEAR_DUPLICATE_BITS``, taken transitively: a chain of near
+copies is one group) form one group that lands on one side. Leaves too small to split stay in
+train and are reported.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
+
+from .duplicates import near_pairs
 from .hierarchy import Hierarchy
 
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -24,6 +31,7 @@ class Image:
     path: str
     leaf: str
     sha256: str
+    phash: str | None = None  # 16 hex digits; None groups by content alone
 
 
 @dataclass
@@ -35,6 +43,8 @@ class SplitResult:
     dropped: dict[str, int] = field(default_factory=dict)  # leaf -> images (--min-images)
     duplicate_groups: list[list[str]] = field(default_factory=list)  # paths, each group on one side
     conflicting_duplicates: list[list[str]] = field(default_factory=list)  # same bytes, other leaves
+    near_duplicate_groups: list[list[str]] = field(default_factory=list)  # paths of different bytes
+    conflicting_near_duplicates: list[list[str]] = field(default_factory=list)  # near-identical, other leaves
 
     def split_of(self, image: Image) -> str:
         return self.assignment[image.path]
@@ -59,20 +69,20 @@ def make_split(images: list[Image], val: float, test: float, seed: int = 0, min_
     dropped = {leaf: n for leaf, n in per_leaf.items() if n < min_images}
     images = [im for im in images if im.leaf not in dropped]
 
-    # Group byte-identical files. A group goes with the leaf most of its members carry.
+    # A group goes with the leaf most of its members carry.
+    groups_by_leaf: dict[str, list[list[Image]]] = defaultdict(list)
+    near_groups, conflicting_near = [], []
+    for members in _groups(images):
+        leaves = Counter(m.leaf for m in members)
+        groups_by_leaf[min(leaves, key=lambda x: (-leaves[x], x))].append(members)
+        if len({m.sha256 for m in members}) > 1:
+            near_groups.append([m.path for m in members])
+            if len(leaves) > 1:
+                conflicting_near.append(_with_leaves(members))
     by_hash: dict[str, list[Image]] = defaultdict(list)
     for im in images:
         by_hash[im.sha256].append(im)
-    groups_by_leaf: dict[str, list[list[Image]]] = defaultdict(list)
-    duplicate_groups, conflicting = [], []
-    for members in by_hash.values():
-        leaves = Counter(m.leaf for m in members)
-        leaf = min(leaves, key=lambda x: (-leaves[x], x))
-        groups_by_leaf[leaf].append(members)
-        if len(members) > 1:
-            duplicate_groups.append([m.path for m in members])
-            if len(leaves) > 1:
-                conflicting.append([f"{m.path} ({m.leaf})" for m in members])
+    identical = [members for members in by_hash.values() if len(members) > 1]
 
     assignment: dict[str, str] = {}
     too_small: dict[str, int] = {}
@@ -107,9 +117,39 @@ def make_split(images: list[Image], val: float, test: float, seed: int = 0, min_
         images=images,
         too_small=too_small,
         dropped=dropped,
-        duplicate_groups=sorted(duplicate_groups),
-        conflicting_duplicates=sorted(conflicting),
+        duplicate_groups=sorted([m.path for m in members] for members in identical),
+        conflicting_duplicates=sorted(_with_leaves(m) for m in identical if len({im.leaf for im in m}) > 1),
+        near_duplicate_groups=sorted(near_groups),
+        conflicting_near_duplicates=sorted(conflicting_near),
     )
+
+
+def _groups(images: list[Image]) -> list[list[Image]]:
+    """The images that must stay together: connected by identical bytes or near perceptual hashes.
+
+    A graph of images, contents and distinct hashes: each image links to its content and its hash,
+    and hashes within the distance link to each other; its connected components are the groups.
+    """
+    if not images:
+        return []
+    contents = {h: i for i, h in enumerate(sorted({im.sha256 for im in images}))}
+    hashes = sorted({im.phash for im in images if im.phash})
+    hash_node = {h: len(images) + len(contents) + i for i, h in enumerate(hashes)}
+    edges = [(i, len(images) + contents[im.sha256]) for i, im in enumerate(images)]
+    edges += [(i, hash_node[im.phash]) for i, im in enumerate(images) if im.phash]
+    edges += [(hash_node[hashes[a]], hash_node[hashes[b]]) for a, b in near_pairs(hashes)]
+    rows, cols = np.array(edges).T
+    size = len(images) + len(contents) + len(hashes)
+    graph = coo_array((np.ones(len(edges)), (rows, cols)), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    groups: dict[int, list[Image]] = defaultdict(list)
+    for im, c in zip(images, component):
+        groups[c].append(im)
+    return list(groups.values())
+
+
+def _with_leaves(members: list[Image]) -> list[str]:
+    return [f"{m.path} ({m.leaf})" for m in members]
 
 
 def _quota(fraction: float, n: int) -> int:

@@ -1,9 +1,12 @@
+import errno
 import json
 
 import pytest
 from click.testing import CliRunner
 from conftest import make_tree, write_image
+from PIL import Image
 
+from lcpn import fsio
 from lcpn.cli import main
 from lcpn.fsio import read_csv
 
@@ -137,3 +140,35 @@ def test_user_errors_are_one_sentence_with_exit_code_2(tmp_path, setup, args, wo
     setup(tmp_path)
     result = run("prepare", *[a.format(p=tmp_path) for a in args], "--out", tmp_path / "out")
     assert_usage_error(result, *words)
+
+
+def test_a_full_disk_is_one_sentence_and_the_old_split_stays(tmp_path, monkeypatch):
+    make_tree(tmp_path / "data", {"a": 6, "b": 6})
+    assert run("prepare", tmp_path / "data", "--out", tmp_path / "out").exit_code == 0
+    old = (tmp_path / "out" / "images.csv").read_bytes()
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fsio, "write_bytes", full)
+    result = run("prepare", tmp_path / "data", "--out", tmp_path / "out", "--seed", "3")
+    assert_usage_error(result, "no space left on the disk that holds", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "images.csv").read_bytes() == old
+
+
+def test_an_out_folder_with_other_files_is_refused(tmp_path):
+    make_tree(tmp_path / "data", {"a": 6, "b": 6})
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    result = run("prepare", tmp_path / "data", "--out", tmp_path / "home")
+    assert_usage_error(result, "holds other files and no split")
+    assert (tmp_path / "home" / "thesis.tex").is_file()
+
+
+def test_near_identical_pictures_are_listed(tmp_path):
+    root = make_tree(tmp_path / "data", {"a": 6, "b": 6})
+    Image.open(root / "a" / "img_0.png").resize((16, 16)).save(root / "a" / "bigger.jpg", quality=95)
+    result = run("prepare", root, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "Groups of near-identical pictures" in result.output
+    assert "bigger.jpg ~ img_0.png" in result.output

@@ -10,10 +10,11 @@ from folders import model_folder
 
 from lcpn.cascade import Cascade
 from lcpn.cli import main
+from lcpn.duplicates import NEAR_DUPLICATE_BITS
 from lcpn.evaluate import evaluate, split_test_items
 from lcpn.fsio import read_csv, write_csv
 from lcpn.metrics import leaf_scores
-from lcpn.overlap import NEAR_DUPLICATE_BITS, Fingerprint, NoTrainingRecord, TrainingImages
+from lcpn.overlap import Fingerprint, NoTrainingRecord, TrainingImages
 from lcpn.sources import LabelledImage, scan_tree
 
 LEAVES = ["a/x/p", "a/x/q", "a/y", "b/u", "b/v", "c/only"]  # the tree of the `split` fixture

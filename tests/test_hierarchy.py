@@ -1,3 +1,5 @@
+import unicodedata
+
 import pytest
 
 from lcpn.hierarchy import ROOT, Hierarchy, ancestors, depth_of, tree_distance
@@ -66,3 +68,17 @@ def test_tree_distance(a, b, distance):
 def test_ancestors_and_depth():
     assert ancestors("a/x/p") == ["a", "a/x", "a/x/p"]
     assert depth_of(ROOT) == 0 and depth_of("a/x") == 2
+
+
+def test_folders_stay_distinct_on_file_systems_that_ignore_case_or_unicode_form():
+    """macOS and Windows see `Bags` and `bags` (and composed and decomposed `ö`) as one folder."""
+    composed, decomposed = "Gr\u00f6\u00dfe", "Gro\u0308\u00dfe"
+    tree = Hierarchy.from_leaves(
+        ["Bags/a", "Bags/b", "bags/c", "bags/d", "Parent/e", "Parent/f", "BIN/g", "BIN/h"]
+        + [f"{composed}/i", f"{composed}/j", f"{decomposed}/k", f"{decomposed}/l"]
+    )
+    assert tree.folders["Bags"] == "Bags" and tree.folders["bags"] == "bags_2"
+    assert tree.folders["Parent"] == "Parent_2" and tree.folders["BIN"] == "BIN_2"
+    assert {tree.folders[composed], tree.folders[decomposed]} == {decomposed, f"{composed}_2"}
+    keys = [unicodedata.normalize("NFC", f).casefold() for f in tree.folders.values()]
+    assert len(set(keys)) == len(keys)

@@ -76,3 +76,71 @@ def test_hidden_files():
 
     assert images.is_hidden(Path(".DS_Store")) and images.is_hidden(Path("._x.jpg"))
     assert not images.is_hidden(Path("x.jpg"))
+
+
+def _photo(path, size=64, seed=3):
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path, quality=90)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        b"\x00\x00\x00\x18ftypmp42" + b"\xff\xda" + bytes(range(256)) * 8,  # a Motion Photo's MP4 after the image
+        b"\xff\xd8\xff\xda" + bytes(300),  # an appended thumbnail that is itself cut short
+    ],
+)
+def test_jpeg_with_data_after_the_end_of_image_is_valid(tmp_path, trailer):
+    path = tmp_path / "motion.jpg"
+    path.write_bytes(_photo(tmp_path / "base.jpg") + trailer)
+    assert check_image(path) is None
+
+
+def test_progressive_jpeg_cut_inside_a_later_scan_is_truncated(tmp_path):
+    arr = np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "p.jpg", progressive=True)
+    data = (tmp_path / "p.jpg").read_bytes()
+    assert check_image(tmp_path / "p.jpg") is None
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) - 200])
+    assert check_image(tmp_path / "cut.jpg") == "truncated image"
+
+
+def test_open_rgb_accepts_bytes_with_the_same_checks(tmp_path, monkeypatch):
+    data = _photo(tmp_path / "x.jpg")
+    assert open_rgb(data).size == (64, 64)
+    assert np.array_equal(np.asarray(open_rgb(data)), np.asarray(open_rgb(tmp_path / "x.jpg")))
+    for bad, reason in [
+        (b"", "empty file"),
+        (b"not a picture", "not an image file"),
+        (data[: len(data) - 300], "truncated image"),
+    ]:
+        with pytest.raises(ImageError, match=reason):
+            open_rgb(bad)
+    Image.new("L", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 5000)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_rgb((tmp_path / "big.png").read_bytes())
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_lcpn_limit_alone_decides_below_pillows_hard_limit(tmp_path, monkeypatch):
+    Image.new("L", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 20_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # Pillow only warns up to twice its limit
+    assert open_rgb(tmp_path / "big.png").size == (100, 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # and refuses beyond: the same reason
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_rgb(tmp_path / "big.png")
+
+
+def test_open_rgb_leaves_the_process_wide_warning_filters_alone(tmp_path, monkeypatch):
+    """The warning filters are shared by all threads; prepare opens images in eight at once."""
+
+    class NoWarningsModule:
+        def __getattr__(self, name):
+            raise AssertionError(f"open_rgb used warnings.{name}")
+
+    monkeypatch.setattr(images, "warnings", NoWarningsModule(), raising=False)
+    _photo(tmp_path / "x.jpg")
+    assert open_rgb(tmp_path / "x.jpg").size == (64, 64)

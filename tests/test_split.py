@@ -1,8 +1,18 @@
+import errno
+import json
+import re
 import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
 from conftest import make_tree, write_image
+from PIL import Image as PILImage
 
-from lcpn.fsio import read_csv
+from lcpn import fsio
+from lcpn.duplicates import NEAR_DUPLICATE_BITS
+from lcpn.errors import LcpnError
+from lcpn.fsio import DiskFullError, read_csv
 from lcpn.hierarchy import Hierarchy
 from lcpn.prepare import prepare
 from lcpn.sources import scan_tree
@@ -123,3 +133,136 @@ def test_materialize_lays_out_class_folders(tree3, tmp_path):
     rows = read_csv(tmp_path / "out" / "a" / "x" / "train.csv")
     assert len(rows) == sum(len(list((train / c).iterdir())) for c in ("p", "q"))
     shutil.rmtree(tmp_path / "out")
+
+
+def _flip(phash: str, bits: int, offset: int = 0) -> str:
+    """``phash`` with ``bits`` of its bits flipped, from bit ``offset`` on."""
+    return f"{int(phash, 16) ^ (((1 << bits) - 1) << offset):016x}"
+
+
+def test_near_duplicates_land_on_one_side_even_in_a_chain():
+    rng = np.random.default_rng(0)
+    images = [
+        Image(f"/{leaf}/{i}.jpg", leaf, f"{leaf}-{i}", f"{int(h):016x}")
+        for leaf in ("a", "b")
+        for i, h in enumerate(rng.integers(0, 2**63, 40, dtype=np.uint64))
+    ]
+    base = images[0].phash
+    chain = [base, _flip(base, NEAR_DUPLICATE_BITS), _flip(base, 2 * NEAR_DUPLICATE_BITS)]  # ends 8 bits apart
+    images[1:3] = [Image(images[i].path, "a", images[i].sha256, chain[i]) for i in (1, 2)]
+    images[3] = Image(images[3].path, "a", images[3].sha256, _flip(base, NEAR_DUPLICATE_BITS + 1, 40))
+    images[40] = Image(images[40].path, "b", images[40].sha256, _flip(base, 1, 60))  # same picture, other leaf
+    for seed in range(5):
+        result = make_split(images, val=0.3, test=0.3, seed=seed)
+        assert result.near_duplicate_groups == [["/a/0.jpg", "/a/1.jpg", "/a/2.jpg", "/b/0.jpg"]]
+        assert len({result.assignment[p] for p in result.near_duplicate_groups[0]}) == 1
+        assert result.conflicting_near_duplicates == [["/a/0.jpg (a)", "/a/1.jpg (a)", "/a/2.jpg (a)", "/b/0.jpg (b)"]]
+        assert result.duplicate_groups == []
+
+
+def test_grouping_ten_thousand_hashes():
+    rng = np.random.default_rng(1)
+    hashes = [f"{int(h):016x}" for h in rng.integers(0, 2**63, 10_000, dtype=np.uint64)]
+    hashes[9_999] = _flip(hashes[0], 3)
+    images = [Image(f"/{i % 7}/{i}.jpg", str(i % 7), f"s{i}", h) for i, h in enumerate(hashes)]
+    result = make_split(images, val=0.2, test=0.1)
+    assert result.near_duplicate_groups == [["/0/0.jpg", "/3/9999.jpg"]]
+
+
+def _snapshot(folder: Path) -> dict:
+    if not folder.exists():
+        return {}
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _watch_writes(monkeypatch, check) -> list:
+    """Call ``check()`` before every file prepare writes: what a kill at that moment would leave."""
+    calls = []
+    write_text = fsio.write_text
+
+    def watched(path, text):
+        calls.append(path)
+        check()
+        write_text(path, text)
+
+    monkeypatch.setattr(fsio, "write_text", watched)
+    return calls
+
+
+def test_a_prepare_killed_at_any_write_leaves_the_old_split_whole(tree3, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(*scan_tree(tree3), out, str(tree3), seed=1)
+    (out / "embeddings").mkdir()
+    (out / "embeddings" / "cache.npy").write_bytes(b"features")
+    old = _snapshot(out)
+
+    def unchanged():
+        assert _snapshot(out) == old
+
+    calls = _watch_writes(monkeypatch, unchanged)
+    prepare(*scan_tree(tree3), out, str(tree3), seed=2, materialize="symlink")
+    assert len(calls) == 4 + 2 * 5
+    new = _snapshot(out)
+    assert new != old and new[Path("embeddings/cache.npy")] == b"features"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_a_first_prepare_killed_at_any_write_leaves_no_hierarchy(tree3, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def no_split_yet():
+        assert not (out / "hierarchy.json").exists()
+
+    _watch_writes(monkeypatch, no_split_yet)
+    prepare(*scan_tree(tree3), out, str(tree3))
+    assert (out / "hierarchy.json").is_file()
+
+
+def test_a_full_disk_keeps_the_old_split_and_names_the_folder(tree3, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(*scan_tree(tree3), out, str(tree3), seed=1)
+    old = _snapshot(out)
+    calls = []
+
+    def full(path, text):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        path.write_text(text)
+
+    monkeypatch.setattr(fsio, "write_text", full)
+    with pytest.raises(DiskFullError, match=re.escape(f"no space left on the disk that holds '{out}'")):
+        prepare(*scan_tree(tree3), out, str(tree3), seed=2)
+    assert _snapshot(out) == old
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_prepare_replaces_only_a_split_folder(tree3, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(LcpnError, match="holds other files"):
+        prepare(*scan_tree(tree3), busy, str(tree3))
+    assert (busy / "notes.txt").read_text() == "mine"
+    (tree3 / "hierarchy.json").write_text("{}")  # a split folder that holds the images themselves
+    with pytest.raises(LcpnError, match="images are inside"):
+        prepare(*scan_tree(tree3), tree3, str(tree3))
+    assert (tree3 / "a" / "y").is_dir()
+
+
+def test_near_identical_pictures_stay_together_and_every_image_has_a_perceptual_hash(tmp_path):
+    root = make_tree(tmp_path / "data", {"a": 10, "b": 10})
+    original = PILImage.open(root / "a" / "img_0.png").resize((64, 64), PILImage.Resampling.NEAREST)
+    original.save(root / "a" / "big.png")
+    original.resize((32, 32)).save(root / "a" / "small.jpg", quality=60)
+    for seed in range(4):
+        result = prepare(*scan_tree(root), tmp_path / "out", str(root), val=0.3, test=0.3, seed=seed)
+        group = [str(root / "a" / n) for n in ("big.png", "img_0.png", "small.jpg")]
+        assert result.split.near_duplicate_groups == [group]
+        assert len({result.split.assignment[p] for p in group}) == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["near_duplicate_groups"] == [group]
+    assert summary["near_duplicate_max_bits"] == NEAR_DUPLICATE_BITS
+    for name in ("images.csv", "test.csv"):
+        rows = read_csv(tmp_path / "out" / name)
+        assert rows and all(re.fullmatch("[0-9a-f]{16}", r["phash"]) for r in rows)
