@@ -45,6 +45,7 @@ ALLOWED_GLOBALS = {
     ("builtins", "frozenset"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str"),
     ("builtins", "bool"),
     ("torchvision.transforms.functional", "InterpolationMode"),
+    ("lcpn.transforms", "PadToSquare"),
     *((_TV, name) for name in (
         "Compose", "Resize", "CenterCrop", "ToTensor", "Normalize", "PILToTensor", "ConvertImageDtype",
         "RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter",

@@ -1,4 +1,10 @@
-"""Train and eval transforms from a small data config (image size, mean, std).
+"""Train and eval transforms from a small data config (image size, mean, std, how to make a square).
+
+How a picture becomes the network's square input is part of the model: ``squash`` stretches it
+(the catalogue's own thumbnails are stretched squares, so its photos match what the models saw),
+``letterbox`` pads it with white to a square first (a product's proportions are kept), and
+``crop`` keeps the centre square. The choice is stored in every node's ``node.json`` so that
+prediction does what training did.
 
 Plain torchvision transform objects, so they pickle into ``bin/`` and load back through the
 restricted unpickler in ``artefacts``.
@@ -8,7 +14,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from PIL import Image, ImageOps
 from torchvision import transforms as T
+
+SQUARE_MODES = ("squash", "letterbox", "crop")
 
 
 @dataclass(frozen=True)
@@ -16,31 +25,53 @@ class DataConfig:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    square: str = "squash"  # one of SQUARE_MODES
+
+    def __post_init__(self) -> None:
+        if self.square not in SQUARE_MODES:
+            raise ValueError(f"unknown square mode '{self.square}'; choose one of {', '.join(SQUARE_MODES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> DataConfig:
-        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]))
+        # Folders written before the square mode was recorded squashed.
+        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("square", "squash"))
+
+
+class PadToSquare:
+    """Pads a picture with white (a product photo's usual background) to a centred square."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        side = max(image.size)
+        return ImageOps.pad(image, (side, side), color=(255, 255, 255))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _to_square(cfg: DataConfig) -> list:
+    size = cfg.image_size
+    if cfg.square == "letterbox":
+        return [PadToSquare(), T.Resize((size, size), antialias=True)]
+    if cfg.square == "crop":
+        return [T.Resize(size, antialias=True), T.CenterCrop(size)]
+    return [T.Resize((size, size), antialias=True)]
 
 
 def eval_transform(cfg: DataConfig) -> T.Compose:
-    # Squash to a square rather than crop: catalogue photos frame the whole product.
-    return T.Compose(
-        [
-            T.Resize((cfg.image_size, cfg.image_size), antialias=True),
-            T.ToTensor(),
-            T.Normalize(list(cfg.mean), list(cfg.std)),
-        ]
-    )
+    return T.Compose([*_to_square(cfg), T.ToTensor(), T.Normalize(list(cfg.mean), list(cfg.std))])
 
 
 def train_transform(cfg: DataConfig, augment: bool = True) -> T.Compose:
     if not augment:
         return eval_transform(cfg)
+    # A letterboxed model learns on padded squares, so its random crops start from one too.
+    pad = [PadToSquare()] if cfg.square == "letterbox" else []
     return T.Compose(
         [
+            *pad,
             T.RandomResizedCrop(cfg.image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
             T.RandomHorizontalFlip(),
             T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),

@@ -65,3 +65,28 @@ def test_transforms_load_back_through_the_restricted_unpickler(tmp_path, make):
     loaded = safe_unpickle(tmp_path / "t.pickle")
     x = picture() if make is eval_transform else torch.rand(3, 4, 4)
     assert torch.equal(loaded(x), make(CFG)(x))
+
+
+@pytest.mark.parametrize("square", ["squash", "letterbox", "crop"])
+def test_every_square_mode_round_trips_through_the_restricted_unpickler(tmp_path, square):
+    cfg = DataConfig(16, (0.5,) * 3, (0.5,) * 3, square)
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "t.pickle"
+    write_pickle(path, eval_transform(cfg))
+    picture = Image.new("RGB", (30, 60), (0, 0, 0))
+    assert torch.equal(safe_unpickle(path)(picture), eval_transform(cfg)(picture))
+
+
+def test_square_modes_treat_a_tall_picture_differently():
+    """A black 1:2 picture: squash keeps it black, letterbox adds white sides, crop keeps black."""
+    picture = Image.new("RGB", (30, 60), (0, 0, 0))
+    x = {m: eval_transform(DataConfig(16, (0.0,) * 3, (1.0,) * 3, m))(picture) for m in ("squash", "letterbox", "crop")}
+    assert x["squash"].max() == 0 and x["crop"].max() == 0
+    assert x["letterbox"][:, :, 0].min() == 1.0 and x["letterbox"][:, :, 8].max() == 0  # white sides, black centre
+    assert all(v.shape == (3, 16, 16) for v in x.values())
+
+
+def test_folders_without_a_square_mode_squash_and_unknown_modes_are_refused():
+    assert DataConfig.from_dict({"image_size": 8, "mean": [0] * 3, "std": [1] * 3}).square == "squash"
+    with pytest.raises(ValueError, match="unknown square mode 'stretch'"):
+        DataConfig(8, (0.0,) * 3, (1.0,) * 3, "stretch")
