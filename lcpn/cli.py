@@ -203,8 +203,12 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
     except LcpnError as exc:
         raise click.UsageError(f"{exc}.") from None
     trained = sum(r.status == "trained" for r in results)
-    which = ", ".join(r.node or "root" for r in results) if nodes else f"{len(results)} node(s)"
-    click.echo(f"\n{which} ready in {out} ({trained} trained now) in {time.perf_counter() - start:.1f} s.")
+    seconds = time.perf_counter() - start
+    if nodes:  # one of several runs (train_lcpn.sh runs one per node): say which, not a total
+        names = ", ".join(r.node or "root" for r in results)
+        click.echo(f"node {names}: ready in {out} ({trained} trained now, {seconds:.1f} s)")
+    else:
+        click.echo(f"\n{len(results)} node(s) ready in {out} ({trained} trained now) in {seconds:.1f} s.")
 
 
 @main.command()

@@ -138,6 +138,7 @@ def test_weights_file_and_no_pretrained(split, tmp_path):
         *FAST,
     )
     assert ok.exit_code == 0, ok.output
+    assert "node b: ready in" in ok.output and "node(s) ready" not in ok.output  # a per-node line, not a total
     scratch = run(
         "train",
         "--data",
