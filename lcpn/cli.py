@@ -198,7 +198,10 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
     try:
         file_options = read_config_file(config_file) if config_file else {}
         config = make_config(file_options, options, config_file)
-        spec(config.backbone)
+        spec(config.backbone)  # an unknown name is a ValueError that lists the known ones
+    except (LcpnError, ValueError) as exc:
+        raise click.UsageError(f"{exc}.") from None
+    try:
         results = train_nodes(data, out, config, nodes, force)
     except LcpnError as exc:
         raise click.UsageError(f"{exc}.") from None

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import pickle
 import signal
@@ -223,17 +224,17 @@ def test_resume_after_kill_continues_from_last_finished_epoch(split, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert checkpoint.exists(), "no checkpoint was written before the kill"
-    done = torch.load(checkpoint, weights_only=True)["state"]["epoch"]
+    done = torch.load(checkpoint, weights_only=True)["progress"]["epoch"]
     assert 1 <= done < 40
     assert not (out / "b" / "node.json").exists()  # a killed node never looks finished
-    assert not [p for p in (out / "b").iterdir() if p.name.endswith(".tmp")]
+    assert (out / "b" / ".train.lock").exists()  # the killed run's lock, taken over below: its pid is gone
 
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {done}" in resumed.stdout + resumed.stderr
     info = artefacts.read_info(out / "b")
     assert [h["epoch"] for h in info.history] == list(range(1, len(info.history) + 1))
-    assert not checkpoint.exists()
+    assert not checkpoint.exists() and not [p for p in (out / "b").iterdir() if p.name.startswith(".")]
 
 
 def test_hostile_pickle_is_refused_and_runs_nothing(split, tmp_path):
@@ -345,11 +346,21 @@ def test_precision_flag_applies_to_finetune(monkeypatch):
     assert bf16.enabled and bf16.dtype == torch.bfloat16 and not bf16.scaler.is_enabled()
 
 
-def test_a_bf16_finetune_run_trains_and_records_its_precision(split, tmp_path):
-    train_nodes(split, tmp_path, LITE.replace(precision="bf16"), nodes=["b"])
-    info = artefacts.read_info(tmp_path / "b")
-    assert info.config["training_key"]["precision"] == "bf16"
-    assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / "b" / "model.pth", weights_only=True).values())
+def test_a_bf16_training_pass_runs_the_network_under_bf16_autocast():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))  # fmt: skip
+    dtypes = []
+    model[-1].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]), torch.arange(4))]
+    amp = finetune.MixedPrecision("bf16", torch.device("cpu"))
+    result = finetune._run_epoch(model, batches, torch.device("cpu"), amp, torch.nn.CrossEntropyLoss(), optimizer,
+                                 scheduler)  # fmt: skip
+    assert dtypes == [torch.bfloat16] and math.isfinite(result["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_early_stopping_restores_the_best_weights(split, tmp_path, monkeypatch):
