@@ -53,21 +53,23 @@ train_node() {  # $1: node, $2: slot number
 
 failed=0
 i=0
+train_start=$(date +%s)
 for node in "${nodes[@]}"; do
   if [ "$jobs" -le 1 ]; then
-    train_node "$node" 0 || failed=1
+    train_node "$node" 0 || failed=$((failed + 1))
   else
-    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=1; done
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=$((failed + 1)); done
     train_node "$node" "$i" > >(sed "s|^|[$node] |") 2>&1 &
   fi
   i=$((i + 1))
 done
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=$((failed + 1)); done
 
 echo
 echo "== Per-node summary ($models)"
 "$lcpn" summary --models "$models"
-if [ "$failed" -ne 0 ]; then echo "train_lcpn.sh: some nodes failed; run it again to resume them" >&2; exit 1; fi
+echo "== $(( ${#nodes[@]} - failed )) of ${#nodes[@]} parent nodes ready in $models, training took $(( $(date +%s) - train_start )) s"
+if [ "$failed" -ne 0 ]; then echo "train_lcpn.sh: $failed node(s) failed; run it again to resume them" >&2; exit 1; fi
 
 echo
 echo "== Predicting a few test images"

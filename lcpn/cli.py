@@ -153,10 +153,16 @@ def prepare(
     click.echo(f"\nDone in {time.perf_counter() - start:.1f} s.")
 
 
-def _default(name: str) -> str:
-    from .config import TrainConfig
+def _train_options(command):
+    """The training flags, made from config.OPTIONS: the table that also checks config-file values."""
+    from .config import OPTIONS, default_text
 
-    return f" [default: {getattr(TrainConfig(), name)}]"
+    for name, option in reversed(OPTIONS.items()):
+        flag = option.flag or "--" + name.replace("_", "-")
+        command = click.option(flag, name, type=option.type, default=None, help=option.help + default_text(name))(
+            command
+        )
+    return command
 
 
 @main.command()
@@ -180,87 +186,13 @@ def _default(name: str) -> str:
     multiple=True,
     help="Train only this parent node (a path such as 'Apparel' or 'root'); repeatable.",
 )
-@click.option(
-    "--mode",
-    type=click.Choice(["finetune", "features"]),
-    help="finetune: fine-tune a whole network per node (GPU territory); features: one frozen "
-    "shared backbone, cached embeddings, a small head per node (seconds on a CPU)." + _default("mode"),
-)
-@click.option(
-    "--backbone",
-    help="Network: efficientnet-b0 ... efficientnet-b7, or efficientnet-lite0 "
-    "(pretrained weights ship with its package)." + _default("backbone"),
-)
-@click.option(
-    "--weights",
-    type=click.Path(path_type=Path),
-    help="A local ImageNet checkpoint for the backbone (instead of the hub cache or a download).",
-)
-@click.option(
-    "--pretrained/--no-pretrained",
-    default=None,
-    help="Start from ImageNet weights, or train from scratch." + _default("pretrained"),
-)
-@click.option(
-    "--image-size",
-    type=click.IntRange(min=16),
-    help="Input resolution [default: the backbone's own, 380 for B4, 224 for Lite0].",
-)
-@click.option("--epochs", type=click.IntRange(min=1), help="Most epochs per node." + _default("epochs"))
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch." + _default("batch_size"))
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate." + _default("lr"))
-@click.option(
-    "--patience",
-    type=click.IntRange(min=1),
-    help="Stop a node after this many epochs without a better val accuracy." + _default("patience"),
-)
-@click.option(
-    "--head",
-    type=click.Choice(["linear", "mlp", "ensemble"]),
-    help="features mode: the per-node head: a logistic regression, a bag of MLPs (--mlp-members), or both "
-    "averaged." + _default("head"),
-)
-@click.option(
-    "--stage-features",
-    type=click.IntRange(min=0),
-    help="features mode: append the pooled outputs of the backbone's last N stages to its final features "
-    "(0: the final features only; same single pass)." + _default("stage_features"),
-)
-@click.option(
-    "--views",
-    type=click.IntRange(min=1),
-    help="features mode: embeddings per training image: 1 plain, 2 adds its mirror image, 3+ add "
-    "random crops (val images and prediction use the plain view)." + _default("views"),
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "bf16", "fp32"]),
-    help="features mode: the backbone's precision when embedding; auto uses bf16 autocast where the "
-    "device supports it (part of the embedding cache's key)." + _default("precision"),
-)
-@click.option(
-    "--cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="features mode: the embedding cache folder [default: <data>/embeddings].",
-)
-@click.option(
-    "--mlp-members",
-    type=click.IntRange(min=1),
-    help="features mode: MLPs trained with different seeds and averaged in an mlp or ensemble head."
-    + _default("mlp_members"),
-)
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-    help="Where to train; auto picks CUDA, then MPS, then the CPU." + _default("device"),
-)
-@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes." + _default("workers"))
-@click.option("--seed", type=int, help="Random seed." + _default("seed"))
+@_train_options
 @click.option(
     "--config",
     "config_file",
     type=click.Path(path_type=Path),
-    help="TOML or JSON file of training options (same names as these flags); flags override it.",
+    help="TOML or JSON file of training options (same names as these flags, checked the same way); flags "
+    "override it. An option that the chosen mode does not read is refused, in the file as on the command line.",
 )
 @click.option("--force", is_flag=True, help="Retrain nodes that are already trained, ignoring checkpoints.")
 def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | None, force: bool, **options) -> None:
@@ -269,27 +201,28 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
     Each node's folder gets model.pth, node.json, bin/*.pickle, performance.txt and plots.
     Finished nodes are skipped and an interrupted node resumes after its last finished epoch, so
     running the same command again continues where it stopped. A node with a single child is
-    recorded as constant and not trained.
+    recorded as constant and not trained. Two runs into the same --out never train one node at
+    once: the second is refused with the first one's pid.
     """
+    from .backbones import spec
     from .config import make_config, read_config_file
     from .train import train_nodes
 
-    try:
-        file_options = read_config_file(config_file) if config_file else {}
-        for name in ("weights", "cache"):
-            options[name] = str(options[name]) if options[name] else None
-        config = make_config(file_options, options)
-        from .backbones import spec
-
-        spec(config.backbone)
-    except (ValueError, TypeError, OSError) as exc:
-        raise click.UsageError(f"{exc}.") from None
     start = time.perf_counter()
+    file_options = read_config_file(config_file) if config_file else {}
+    config = make_config(file_options, options, config_file)
+    try:
+        spec(config.backbone)  # an unknown name is a ValueError that lists the known ones
+    except ValueError as exc:
+        raise click.UsageError(f"{exc}.") from None
     results = train_nodes(data, out, config, nodes, force)
     trained = sum(r.status == "trained" for r in results)
-    click.echo(
-        f"\n{len(results)} node(s) ready in {out} ({trained} trained now) in {time.perf_counter() - start:.1f} s."
-    )
+    seconds = time.perf_counter() - start
+    if nodes:  # one of several runs (train_lcpn.sh runs one per node): say which, not a total
+        names = ", ".join(r.node or "root" for r in results)
+        click.echo(f"node {names}: ready in {out} ({trained} trained now, {seconds:.1f} s)")
+    else:
+        click.echo(f"\n{len(results)} node(s) ready in {out} ({trained} trained now) in {seconds:.1f} s.")
 
 
 @main.command()

@@ -1,5 +1,10 @@
 """Training options: one frozen dataclass of defaults; a config file and the command line override it.
 
+``OPTIONS`` is the one table of what each option accepts and which mode reads it: the ``lcpn train``
+flags are made from it, and config-file values are checked against it, so a file cannot set what a
+flag would refuse. An option that the chosen mode does not read is refused when it is given (in the
+file or as a flag), and left out of ``training_key``, so changing it never retrains a node.
+
 The final config is saved in every node's ``node.json`` and in ``hierarchy.json``.
 """
 
@@ -12,6 +17,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import click
+
+from .errors import LcpnError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -19,6 +28,19 @@ else:  # pragma: no cover
 
 MODES = ("finetune", "features")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "bf16", "fp32")
+HEADS = ("linear", "mlp", "ensemble")
+MLP_HEADS = ("mlp", "ensemble")
+# What each mode's optimiser takes when --lr / weight_decay are not given: a whole network is
+# fine-tuned with small steps; a head on fixed embeddings takes larger ones and stronger decay.
+MODE_DEFAULTS = {
+    "finetune": {"lr": 3e-4, "weight_decay": 1e-2},
+    "features": {"lr": 1e-3, "weight_decay": 0.05},
+}
+
+
+class ConfigError(LcpnError):
+    """A training option that cannot be used; the message names the option and where it came from."""
 
 
 @dataclass(frozen=True)
@@ -28,16 +50,16 @@ class TrainConfig:
     pretrained: bool = True  # ImageNet weights (see backbones); False trains from scratch
     weights: str | None = None  # a local ImageNet checkpoint for the backbone
     image_size: int | None = None  # None: the backbone's own resolution (380 for B4, 224 for Lite0)
-    epochs: int = 10  # upper bound; early stopping usually ends sooner
+    epochs: int = 10  # finetune: upper bound; early stopping usually ends sooner
     batch_size: int = 16
-    lr: float = 3e-4  # AdamW peak learning rate, reached after the warm-up
-    weight_decay: float = 1e-2
+    lr: float | None = None  # AdamW peak learning rate after the warm-up; None: the mode's (MODE_DEFAULTS)
+    weight_decay: float | None = None  # AdamW weight decay; None: the mode's (MODE_DEFAULTS)
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero
     label_smoothing: float = 0.1
-    patience: int = 3  # epochs without a better val accuracy before stopping
-    augment: bool = True  # random crops, flips and colour jitter on train images
+    patience: int = 3  # finetune: epochs without a better val accuracy before stopping
+    augment: bool = True  # finetune: random crops, flips and colour jitter on train images
     device: str = "auto"
-    workers: int = 2  # image-decoding worker processes
+    workers: int = 2  # finetune: image-decoding worker processes
     seed: int = 0
     head: str = "ensemble"  # features mode: "linear" (logistic regression, L2 chosen on val), "mlp", or
     # "ensemble": both, probabilities averaged (the most accurate in docs/benchmarks.md)
@@ -46,7 +68,7 @@ class TrainConfig:
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
     stage_features: int = 2  # features mode: pooled outputs of the backbone's last N stages join the embedding
     views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
-    precision: str = "auto"  # features mode: backbone precision; auto uses bf16 where the device supports it
+    precision: str = "auto"  # finetune: auto is mixed precision on CUDA; features: auto is bf16 where supported
     cache: str | None = None  # features mode: embedding cache folder [default: <split>/embeddings]
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -55,45 +77,136 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resolved(self) -> TrainConfig:
+        """The config with the mode's defaults filled in where ``lr`` / ``weight_decay`` are None."""
+        defaults = MODE_DEFAULTS[self.mode]
+        return self.replace(**{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def reads(self, name: str) -> bool:
+        """True when this config's mode (and head) uses the option ``name``."""
+        modes = OPTIONS[name].modes
+        return self.mode in modes or ("mlp heads" in modes and self.mode == "features" and self.head in MLP_HEADS)
+
     def training_key(self) -> dict[str, Any]:
-        """The options that change a trained node (not where or how fast it is computed)."""
-        skip = {"device", "workers", "cache"}
-        return {k: v for k, v in self.to_dict().items() if k not in skip}
+        """The options that change a trained node: those its mode reads, less where and how fast it runs."""
+        runtime = {"device", "workers", "cache"} | ({"batch_size"} if self.mode == "features" else set())
+        resolved = self.resolved()
+        return {k: getattr(resolved, k) for k in OPTIONS if self.reads(k) and k not in runtime}
 
 
-FIELDS = {f.name: f for f in fields(TrainConfig)}
+@dataclass(frozen=True)
+class Option:
+    """What an option accepts (a click type, also used on config-file values) and which modes read it."""
+
+    type: click.ParamType
+    help: str
+    modes: tuple[str, ...] = MODES  # "mlp heads": features mode with an mlp or ensemble head
+    flag: str | None = None  # the flag's spelling when it is not --<name>, e.g. a boolean's --x/--no-x
+
+
+FINETUNE, FEATURES, MLP = ("finetune",), ("features",), ("finetune", "mlp heads")
+OPTIONS: dict[str, Option] = {
+    "mode": Option(click.Choice(MODES), "finetune: fine-tune a whole network per node (GPU territory); features: one "
+                   "frozen shared backbone, cached embeddings, a small head per node (seconds on a CPU)."),
+    "backbone": Option(click.STRING, "Network: efficientnet-b0 ... efficientnet-b7, or efficientnet-lite0 "
+                       "(pretrained weights ship with its package)."),
+    "pretrained": Option(click.BOOL, "Start from ImageNet weights, or train from scratch (finetune mode; "
+                         "features mode needs them).", flag="--pretrained/--no-pretrained"),
+    "weights": Option(click.Path(dir_okay=False), "A local ImageNet checkpoint for the backbone (instead of the "
+                      "hub cache or a download)."),
+    "image_size": Option(click.IntRange(min=16), "Input resolution [default: the backbone's own, 380 for B4, "
+                         "224 for Lite0]."),
+    "epochs": Option(click.IntRange(min=1), "finetune mode: most epochs per node.", FINETUNE),
+    "batch_size": Option(click.IntRange(min=1), "Images per batch (features mode: per embedding batch)."),
+    "lr": Option(click.FloatRange(min=0, min_open=True), "AdamW peak learning rate (finetune, and features "
+                 "mode's MLP heads).", MLP),
+    "weight_decay": Option(click.FloatRange(min=0), "AdamW weight decay (finetune, and features mode's MLP "
+                           "heads).", MLP),
+    "warmup_epochs": Option(click.FloatRange(min=0), "Epochs of linear learning-rate warm-up before the cosine "
+                            "decay (finetune, and features mode's MLP heads).", MLP),
+    "label_smoothing": Option(click.FloatRange(0, 1, max_open=True), "Label smoothing of the loss (finetune, "
+                              "and features mode's MLP heads).", MLP),
+    "patience": Option(click.IntRange(min=1), "finetune mode: stop a node after this many epochs without a "
+                       "better val accuracy.", FINETUNE),
+    "augment": Option(click.BOOL, "finetune mode: random crops, flips and colour jitter on train images.",
+                      FINETUNE, flag="--augment/--no-augment"),
+    "device": Option(click.Choice(DEVICES), "Where to train; auto picks CUDA, then MPS, then the CPU."),
+    "workers": Option(click.IntRange(min=0), "finetune mode: image-decoding worker processes.", FINETUNE),
+    "seed": Option(click.INT, "Random seed."),
+    "head": Option(click.Choice(HEADS), "features mode: the per-node head: a logistic regression, a bag of MLPs "
+                   "(--mlp-members), or both averaged.", FEATURES),
+    "head_epochs": Option(click.IntRange(min=1), "features mode: epochs of each MLP head.", ("mlp heads",)),
+    "mlp_members": Option(click.IntRange(min=1), "features mode: MLPs trained with different seeds and averaged "
+                          "in an mlp or ensemble head.", ("mlp heads",)),
+    "refit": Option(click.BOOL, "features mode: refit the heads on train + val with the setting chosen on val.",
+                    FEATURES, flag="--refit/--no-refit"),
+    "stage_features": Option(click.IntRange(min=0), "features mode: append the pooled outputs of the backbone's "
+                             "last N stages to its final features (0: the final features only; same single "
+                             "pass).", FEATURES),
+    "views": Option(click.IntRange(min=1), "features mode: embeddings per training image: 1 plain, 2 adds its "
+                    "mirror image, 3+ add random crops (val images and prediction use the plain view).", FEATURES),
+    "precision": Option(click.Choice(PRECISIONS), "fp32, or bf16 autocast; auto: finetune mode uses mixed "
+                        "precision on CUDA (fp32 elsewhere), features mode embeds in bf16 where the device "
+                        "supports it (part of the embedding cache's key)."),
+    "cache": Option(click.Path(file_okay=False), "features mode: the embedding cache folder [default: "
+                    "<data>/embeddings].", FEATURES),
+}  # fmt: skip
+assert set(OPTIONS) == {f.name for f in fields(TrainConfig)}, "every option needs a row in OPTIONS"
+
+_WHO_READS = {"finetune": "finetune mode", "features": "features mode", "mlp heads": "features mode's MLP heads"}
+
+
+def default_text(name: str) -> str:
+    """The default of an option as shown in its help."""
+    if name in MODE_DEFAULTS["finetune"]:
+        return " [default: " + ", ".join(f"{d[name]:g} in {m} mode" for m, d in MODE_DEFAULTS.items()) + "]"
+    default = getattr(TrainConfig(), name)
+    return "" if default is None else f" [default: {default}]"  # None: the help says what happens
+
+
+def check_value(name: str, value: Any, where: str) -> Any:
+    """``value`` converted by the option's type; a ConfigError names ``where`` it came from."""
+    option = OPTIONS[name]
+    try:
+        converted = option.type.convert(value, None, None)
+    except click.BadParameter as exc:
+        raise ConfigError(f"{where}: {exc.message.rstrip('.')}") from None
+    # click also turns "3" into 3 and 2.5 into 2; a file holds typed values, so a type change is a mistake
+    widened = isinstance(converted, float) and type(value) is int
+    if type(converted) is not type(value) and not widened:
+        raise ConfigError(f"{where}: expected {option.type.name}, got {value!r}")
+    return converted
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a TOML or JSON file (keys as on the command line, with - or _)."""
+    """Options from a TOML or JSON file (keys as on the command line, with - or _), checked like flags."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"cannot parse the config file '{path}': {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # TOMLDecodeError is a ValueError
+        raise ConfigError(f"cannot read the config file '{path}': {exc}") from None
     data = data.get("train", data)  # options may sit under a [train] table
     options = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(options) - set(FIELDS))
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} in '{path}'; known options: {', '.join(FIELDS)}")
-    return options
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} in '{path}'; known options: {', '.join(OPTIONS)}")
+    return {k: check_value(k, v, f"'{path}' key {k}") for k, v in options.items()}
 
 
-def make_config(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the file, then the command line (options given as None are not set)."""
-    merged = {**file_options, **{k: v for k, v in cli_options.items() if v is not None}}
-    config = TrainConfig(**merged)
-    if config.mode not in MODES:
-        raise ValueError(f"unknown mode '{config.mode}'; choose {' or '.join(MODES)}")
-    if config.device not in DEVICES:
-        raise ValueError(f"unknown device '{config.device}'; choose one of {', '.join(DEVICES)}")
-    if config.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown precision '{config.precision}'; choose auto, bf16 or fp32")
-    if config.head not in ("linear", "mlp", "ensemble"):
-        raise ValueError(f"unknown head '{config.head}'; choose linear, mlp or ensemble")
-    if config.stage_features < 0:
-        raise ValueError(f"stage_features must be 0 or more, not {config.stage_features}")
-    if config.mlp_members < 1:
-        raise ValueError(f"mlp_members must be at least 1, not {config.mlp_members}")
+def make_config(
+    file_options: dict[str, Any], cli_options: dict[str, Any], file: str | Path | None = None
+) -> TrainConfig:
+    """Defaults, then the file, then the command line (options given as None are not set).
+
+    An option given in either place that the chosen mode does not read is refused.
+    """
+    flags = {k: v for k, v in cli_options.items() if v is not None}
+    config = TrainConfig(**{**file_options, **flags})
+    for name in {**file_options, **flags}:
+        if not config.reads(name):
+            where = f"--{name.replace('_', '-')}" if name in flags else f"'{file}' key {name}"
+            readers = " and ".join(_WHO_READS[m] for m in OPTIONS[name].modes)
+            used = f"{config.mode} mode" + (f" with --head {config.head}" if config.mode == "features" else "")
+            raise ConfigError(f"{where} applies only to {readers}, not to {used}; leave it out")
     return config

@@ -1,4 +1,4 @@
-"""Where networks run: device resolution and bf16 support."""
+"""Where networks run: device resolution, what a run there costs, and bf16 support."""
 
 from __future__ import annotations
 
@@ -26,6 +26,30 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not _mps_available():
         raise DeviceError("--device mps was asked for, but Apple's MPS is not available")
     return torch.device(name)
+
+
+# Measured (docs/benchmarks.md): fine-tuning the default backbone on a 2-core CPU.
+CPU_FINETUNE_COST = "EfficientNet-B4 at 380 px takes 13-20 s per step of 16 images on 2 cores"
+
+
+def describe(device: torch.device) -> str:
+    """The device in words, e.g. 'cuda (NVIDIA H100 80GB HBM3)' or 'the CPU (16 threads)'."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"the CPU ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+def training_note(device: torch.device, mode: str) -> str:
+    """One line saying where training runs, and on a CPU what fine-tuning there costs."""
+    line = f"{mode} mode runs on {describe(device)}"
+    if mode == "finetune" and device.type == "cpu":
+        line += (
+            f"; warning: fine-tuning on a CPU is slow ({CPU_FINETUNE_COST}): use a CUDA GPU, or --mode features "
+            "(a frozen backbone and small heads, minutes on a CPU)"
+        )
+    return line
 
 
 def bf16_supported(device: torch.device) -> bool:

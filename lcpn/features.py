@@ -34,25 +34,13 @@ from tqdm.auto import tqdm
 from . import artefacts, backbones, fsio
 from .artefacts import NodeInfo
 from .config import TrainConfig
-from .devices import resolve_device, want_bf16
-from .hierarchy import Hierarchy
+from .devices import resolve_device, training_note, want_bf16
 from .images import ImageError, open_rgb
+from .nodes import NodeData, TrainError, finish_node
+from .recipe import class_weights, data_config_for, seed_everything, warmup_cosine
 from .report import Outcome
+from .runner import NodeFolder
 from .runtime import Runtime, SharedBackbone
-from .train import (
-    NodeData,
-    NodeResult,
-    TrainError,
-    class_weights,
-    data_config_for,
-    finish_node,
-    is_finished,
-    load_node_data,
-    save_constant_node,
-    seed_everything,
-    summary_line,
-    warmup_cosine,
-)
 from .transforms import eval_transform, inv_normalize, train_transform
 
 log = logging.getLogger(__name__)
@@ -352,8 +340,8 @@ def _fit_mlp(
     counts = torch.bincount(hd.y_train, minlength=n_classes).tolist()
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(counts), label_smoothing=config.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)  # unweighted, as in train.py
-    lr = config.lr if config.lr != TrainConfig.lr else 1e-3  # heads take a larger step than fine-tuning
-    optimizer = torch.optim.AdamW(mlp.parameters(), lr=lr, weight_decay=max(config.weight_decay, 0.05))
+    resolved = config.resolved()  # --lr and weight_decay as given, else features mode's defaults
+    optimizer = torch.optim.AdamW(mlp.parameters(), lr=resolved.lr, weight_decay=resolved.weight_decay)
     batch = min(MLP_BATCH, len(hd.x_train))
     steps = (len(hd.x_train) + batch - 1) // batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -428,41 +416,36 @@ def save_backbone(folder: Path, backbone: SharedBackbone, cache_key: dict) -> No
                         inv_normalize(backbone.data))  # fmt: skip
 
 
-def train_features(
-    split_dir: Path, out: Path, tree: Hierarchy, chosen: list[str], config: TrainConfig, force: bool
-) -> list[NodeResult]:
-    """Embed every image the chosen nodes need (cached), then train each node's head."""
-    if not config.pretrained and config.weights is None:
-        raise TrainError("features mode needs a pretrained backbone; drop --no-pretrained or use --mode finetune")
-    backbone, key = open_backbone(config)
-    save_backbone(out / "backbone", backbone, key)
+class FeaturesMode:
+    """Features mode for ``runner.run_nodes``: embed what the nodes to train need, then fit a head per node."""
 
-    nodes = [load_node_data(split_dir, tree, n) for n in chosen]
-    trained = [d for d in nodes if len(d.classes) > 1]
-    views = {p: 1 for d in trained for p, _ in d.val} | {p: config.views for d in trained for p, _ in d.train}
-    paths = sorted(views)
-    cache = EmbeddingCache(Path(config.cache) if config.cache else split_dir / "embeddings", key)
-    t0 = time.perf_counter()
-    feats = embed_images(paths, backbone, cache, views, config.batch_size) if paths else {}
-    log.info("embeddings ready in %.1f s", time.perf_counter() - t0)
+    def __init__(self, split_dir: Path, out: Path, config: TrainConfig) -> None:
+        if not config.pretrained and config.weights is None:
+            raise TrainError("features mode needs a pretrained backbone; drop --no-pretrained or use --mode finetune")
+        self.split_dir, self.out, self.config = split_dir, out, config.resolved()
+        self.backbone: SharedBackbone | None = None
+        self.feats: dict[str, torch.Tensor] = {}
 
-    results = []
-    for data in nodes:
-        folder = out / tree.folders[data.node]
-        if len(data.classes) == 1:
-            results.append(NodeResult(data.node, "constant", save_constant_node(folder, data, config)))
-        elif not force and is_finished(folder, data.data_hash, config):
-            results.append(NodeResult(data.node, "skipped", artefacts.read_info(folder)))
-        else:
-            start = time.perf_counter()
-            stub = NodeInfo(node=data.node, classes=data.classes, mode="features",
-                            head=head_spec(config, backbone.embedder.dim))  # fmt: skip
-            head, outcome, history = fit_head(data, feats, stub, config)
-            info = finish_node(
-                folder, data, config, {"data": backbone.data.to_dict(), "head": stub.head},
-                head.state_dict(), outcome, history, eval_transform(backbone.data), inv_normalize(backbone.data),
-            )  # fmt: skip
-            info.metrics["seconds"] = time.perf_counter() - start
-            results.append(NodeResult(data.node, "trained", info))
-        tqdm.write(summary_line(results[-1]))
-    return results
+    def prepare(self, todo: list[NodeData]) -> None:
+        """Embed every image the nodes to train need (cached); finished nodes cost nothing here."""
+        config = self.config
+        backbone, key = open_backbone(config)
+        tqdm.write(training_note(backbone.runtime.device, "features"))
+        save_backbone(self.out / "backbone", backbone, key)
+        views = {p: 1 for d in todo for p, _ in d.val} | {p: config.views for d in todo for p, _ in d.train}
+        paths = sorted(views)
+        cache = EmbeddingCache(Path(config.cache) if config.cache else self.split_dir / "embeddings", key)
+        t0 = time.perf_counter()
+        self.feats = embed_images(paths, backbone, cache, views, config.batch_size) if paths else {}
+        log.info("embeddings ready in %.1f s", time.perf_counter() - t0)
+        self.backbone = backbone
+
+    def fit(self, data: NodeData, folder: NodeFolder) -> NodeInfo:
+        backbone = self.backbone
+        stub = NodeInfo(node=data.node, classes=data.classes, mode="features",
+                        head=head_spec(self.config, backbone.embedder.dim))  # fmt: skip
+        head, outcome, history = fit_head(data, self.feats, stub, self.config)
+        return finish_node(
+            folder.staging, data, self.config, {"data": backbone.data.to_dict(), "head": stub.head},
+            head.state_dict(), outcome, history, eval_transform(backbone.data), inv_normalize(backbone.data),
+        )  # fmt: skip

@@ -21,6 +21,7 @@ from . import fsio  # noqa: E402
 from .images import ImageError, open_rgb  # noqa: E402
 
 MAX_WRONG = 16  # misclassified images shown in wrong_plot.png
+REPORT_FILES = ("performance.txt", "confusion_matrix.png", "class_plot.png", "error_plot.png", "wrong_plot.png")
 
 
 @dataclass
@@ -45,11 +46,12 @@ def write_node_report(
 ) -> dict:
     """Write performance.txt and the plots; return the metrics for node.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = performance_text(folder / "performance.txt", node_title, outcome)
-    confusion_plot(folder / "confusion_matrix.png", node_title, outcome)
-    class_plot(folder / "class_plot.png", node_title, outcome.classes, counts)
-    error_plot(folder / "error_plot.png", node_title, history)
-    wrong_plot(folder / "wrong_plot.png", node_title, outcome)
+    text, confusion, classes, errors, wrong = (folder / name for name in REPORT_FILES)
+    metrics = performance_text(text, node_title, outcome)
+    confusion_plot(confusion, node_title, outcome)
+    class_plot(classes, node_title, outcome.classes, counts)
+    error_plot(errors, node_title, history)
+    wrong_plot(wrong, node_title, outcome)
     return metrics
 
 
@@ -139,7 +141,8 @@ def error_plot(path: Path, title: str, history: list[dict]) -> None:
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("accuracy" if key == "acc" else "loss")
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:  # a logistic-regression head records no train loss
+            axis.legend()
     best = [x for x, h in zip(epochs, history) if h.get("best")]
     if best:
         for axis in (left, right):

@@ -50,10 +50,11 @@ from lcpn.features import EmbeddingCache, embed_images, fit_head, head_spec, ope
 from lcpn.hierarchy import Hierarchy, names_of
 from lcpn.metrics import hierarchical_prf, level_scores, path_accuracy
 from lcpn.models import HeadNode
+from lcpn.nodes import NodeData
 from lcpn.prepare import prepare
 from lcpn.report import format_table
 from lcpn.sources import SourceError, scan_csv, scan_tree
-from lcpn.train import NodeData, train_nodes
+from lcpn.train import train_nodes
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-products-9k"
@@ -159,10 +160,10 @@ def finetune_models(split: Path, work: Path, tree: Hierarchy, backbone: str, per
 def time_b4_step(split: Path, tree: Hierarchy) -> float:
     """Seconds of one finetune training step of EfficientNet-B4 at 380 px on 16 real images (after a warm-up step)."""
     from lcpn.images import open_rgb
-    from lcpn.train import data_config_for
+    from lcpn.recipe import data_config_for
     from lcpn.transforms import train_transform
 
-    config = TrainConfig()  # the trainer's defaults: B4, 380 px, batch 16
+    config = TrainConfig().resolved()  # the trainer's defaults: B4, 380 px, batch 16, finetune's lr
     rows = fsio.read_csv(split / tree.folders[""] / "train.csv")[: config.batch_size]
     transform = train_transform(data_config_for(config))
     x = torch.stack([transform(open_rgb(r["path"])) for r in rows]).contiguous(memory_format=torch.channels_last)

@@ -179,7 +179,7 @@ def test_features_flags_of_lcpn_train_reach_the_node(split, tmp_path):
 
     cache = tmp_path / "my-cache"
     args = ["train", "--data", split, "--out", tmp_path / "m", "--node", "b", "--mode", "features",
-            "--backbone", "efficientnet-lite0", "--image-size", "32", "--workers", "0", "--device", "cpu",
+            "--backbone", "efficientnet-lite0", "--image-size", "32", "--device", "cpu",
             "--head", "mlp", "--mlp-members", "2", "--views", "1", "--precision", "fp32", "--cache", cache,
             "--stage-features", "1"]  # fmt: skip
     result = CliRunner().invoke(main, [str(a) for a in args])

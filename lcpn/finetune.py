@@ -1,0 +1,299 @@
+"""Finetune mode: fit a whole network per parent node, resumably.
+
+Recipe: AdamW with a linear warm-up then cosine decay (per step), label smoothing, augmentation,
+class-weighted cross-entropy against imbalance (``recipe.class_weights``), early stopping on
+validation accuracy with the best weights restored, channels_last, and ``--precision``: auto is
+mixed precision on CUDA (bf16 where the GPU supports it, else fp16 with loss scaling) and fp32
+elsewhere; fp32 turns it off; bf16 is bf16 autocast on any device.
+
+Resume: after every epoch a checkpoint is written atomically into the node's folder: model,
+optimizer, scheduler, loss scaler, history, best weights, and every random state (Python, NumPy,
+torch CPU and CUDA, and the generator that shuffles the batches and seeds the loader's workers).
+A killed run started again continues after the last finished epoch exactly as if it had never
+stopped: on a CPU its final weights equal an uninterrupted run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import backbones, fsio
+from .artefacts import NodeInfo
+from .config import TrainConfig
+from .devices import resolve_device, training_note
+from .images import ImageError, open_rgb
+from .nodes import NodeData, TrainError, finish_node
+from .recipe import class_weights, data_config_for, seed_everything, warmup_cosine
+from .report import Outcome
+from .runner import NodeFolder
+from .transforms import eval_transform, inv_normalize, train_transform
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneMode:
+    """Finetune mode for ``runner.run_nodes``: nothing to prepare but the device; a network per node."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config.resolved()
+        self.device = resolve_device(config.device)
+
+    def prepare(self, todo: list[NodeData]) -> None:
+        tqdm.write(training_note(self.device, "finetune"))
+
+    def fit(self, data: NodeData, folder: NodeFolder) -> NodeInfo:
+        return fit_node(data, folder, self.config, self.device)
+
+
+# --- data ------------------------------------------------------------------------------------------
+class ImageDataset(Dataset):
+    """(path, label) rows opened safely; an unreadable file yields None and is dropped in batching."""
+
+    def __init__(self, rows: list[tuple[str, int]], transform: Callable) -> None:
+        self.rows, self.transform = rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        path, label = self.rows[i]
+        try:
+            return self.transform(open_rgb(path)), label, i
+        except ImageError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            return None
+
+
+def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    xs, ys, idx = zip(*batch)
+    return torch.stack(xs), torch.tensor(ys), torch.tensor(idx)
+
+
+def _loader(rows, transform, config: TrainConfig, shuffle: bool, device: torch.device, generator) -> DataLoader:
+    return DataLoader(
+        ImageDataset(rows, transform), batch_size=config.batch_size, shuffle=shuffle, generator=generator,
+        num_workers=config.workers, collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )  # fmt: skip
+
+
+# --- precision -------------------------------------------------------------------------------------
+class MixedPrecision:
+    """Autocast and loss scaling as ``--precision`` asks (see the module docstring)."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.device = device
+        if precision == "auto":
+            self.enabled = device.type == "cuda"
+            self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.enabled, self.dtype = precision == "bf16", torch.bfloat16
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+# --- the state a checkpoint holds ------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Where a node's training stands after an epoch."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: list[float] | None = None  # (val accuracy, -val loss) of the best epoch
+    best_state: dict | None = None  # its weights, on the CPU
+    bad_epochs: int = 0  # epochs since the best one
+
+
+@dataclass
+class Training:
+    """Everything a node's training changes as it goes; ``save`` and ``restore`` keep all of it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # shuffles the batches and seeds the loader's workers
+    device: torch.device
+    progress: Progress = field(default_factory=Progress)
+
+    def save(self, path: Path, key: dict) -> None:
+        checkpoint = {
+            "key": key,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": vars(self.progress),
+            "random": self._random_state(),
+        }
+        # through a Python file object, so a full disk raises OSError(ENOSPC), not a C++ stream error
+        with fsio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(checkpoint, fh)
+
+    def restore(self, path: Path, key: dict) -> bool:
+        """Continue from the checkpoint at ``path`` if it was made with ``key``; False when there is none."""
+        if not path.is_file():
+            return False
+        # On the CPU whatever the device: the RNG states must stay CPU tensors; the model's and the
+        # optimizer's load_state_dict copy their tensors to the parameters' device.
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a checkpoint cut short by a full disk, or from an older version
+            log.warning("ignoring the unreadable checkpoint %s (%s)", path, str(exc).splitlines()[0])
+            return False
+        if checkpoint.get("key") != key or "random" not in checkpoint:
+            log.info("ignoring a checkpoint made with other data or options: %s", path)
+            return False
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["scaler"]:  # empty when loss scaling is off
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.progress = Progress(**checkpoint["progress"])
+        self._set_random_state(checkpoint["random"])
+        return True
+
+    def _random_state(self) -> dict:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "loader": self.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+        }  # fmt: skip
+
+    def _set_random_state(self, saved: dict) -> None:
+        random.setstate(saved["python"])
+        name, keys, pos, has_gauss, gauss = saved["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(saved["torch"])
+        self.generator.set_state(saved["loader"])
+        if saved["cuda"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+# --- one node --------------------------------------------------------------------------------------
+def _run_epoch(model, loader, device, amp: MixedPrecision, loss_fn, optimizer=None, scheduler=None, desc="") -> dict:
+    """One pass; trains when an optimizer is given. Returns loss, accuracy and the predictions."""
+    training = optimizer is not None
+    model.train(training)
+    total_loss, correct, seen = 0.0, 0, 0
+    indices, preds, confs = [], [], []
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    with torch.set_grad_enabled(training):
+        for batch in bar:
+            if batch is None:
+                continue
+            x, y, idx = batch
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with amp.autocast():
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                amp.scaler.scale(loss).backward()
+                amp.scaler.step(optimizer)
+                amp.scaler.update()
+                scheduler.step()
+            prob = logits.detach().float().softmax(1)
+            conf, pred = prob.max(1)
+            total_loss += loss.item() * len(y)
+            correct += (pred == y).sum().item()
+            seen += len(y)
+            indices += idx.tolist()
+            preds += pred.cpu().tolist()
+            confs += conf.cpu().tolist()
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    if seen == 0:
+        return {"loss": None, "acc": None, "indices": [], "preds": [], "confs": []}
+    return {"loss": total_loss / seen, "acc": correct / seen, "indices": indices, "preds": preds, "confs": confs}
+
+
+def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: torch.device) -> NodeInfo:
+    """Train one node, resuming from its checkpoint if one fits; finish it in ``folder.staging``."""
+    seed_everything(config.seed)
+    dcfg = data_config_for(config)
+    try:
+        model = backbones.create(config.backbone, len(data.classes), config.pretrained, config.weights)
+    except backbones.WeightsError as exc:
+        raise TrainError(str(exc)) from None
+    model = model.to(device, memory_format=torch.channels_last)
+    amp = MixedPrecision(config.precision, device)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = _loader(data.train, train_transform(dcfg, config.augment), config, True, device, generator)
+    val_rows = data.val or data.train
+    evaluated_on = "val" if data.val else "train (no val images)"
+    val_loader = _loader(val_rows, eval_transform(dcfg), config, False, device, generator)
+
+    weights = class_weights(data.counts()["train"]).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    # Val loss unweighted: it measures the model, and a class missing from train has weight 0.
+    eval_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps = max(1, len(train_loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.epochs * steps, int(config.warmup_epochs * steps))
+    )
+    run = Training(model, optimizer, scheduler, amp.scaler, generator, device)
+    key = {"data_hash": data.data_hash, "training_key": config.training_key()}
+    if run.restore(folder.checkpoint, key):
+        tqdm.write(f"{data.title}: resuming after epoch {run.progress.epoch}")
+
+    p = run.progress
+    for epoch in range(p.epoch + 1, config.epochs + 1):
+        if p.bad_epochs >= config.patience:
+            break
+        t0 = time.perf_counter()
+        tr = _run_epoch(model, train_loader, device, amp, loss_fn, optimizer, scheduler,
+                        desc=f"{data.title} epoch {epoch}/{config.epochs}")  # fmt: skip
+        ev = _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} eval")
+        score = [ev["acc"], -ev["loss"]]
+        improved = p.best is None or score > p.best
+        if improved:
+            p.best, p.bad_epochs = score, 0
+            p.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            p.bad_epochs += 1
+        p.history.append({
+            "epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": ev["loss"],
+            "val_acc": ev["acc"], "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0,
+            "best": improved,
+        })  # fmt: skip
+        p.epoch = epoch
+        tqdm.write(
+            f"{data.title} epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['acc']:.3f} | "
+            f"{evaluated_on.split()[0]} loss {ev['loss']:.4f} acc {ev['acc']:.3f}" + (" *" if improved else "")
+        )
+        run.save(folder.checkpoint, key)
+
+    model.load_state_dict(p.best_state)
+    final = _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} final eval")
+    seen = final["indices"]  # the val loader is not shuffled: rows in order, unreadable ones skipped
+    outcome = Outcome(
+        classes=data.classes, paths=[val_rows[i][0] for i in seen], y_true=[val_rows[i][1] for i in seen],
+        y_pred=final["preds"], confidence=final["confs"], evaluated_on=evaluated_on,
+    )  # fmt: skip
+    return finish_node(
+        folder.staging, data, config, {"data": dcfg.to_dict()},
+        p.best_state, outcome, p.history, eval_transform(dcfg), inv_normalize(dcfg),
+    )  # fmt: skip
