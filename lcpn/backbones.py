@@ -182,6 +182,12 @@ class Embedder(nn.Module):
         for i, block in enumerate(net._blocks):
             x = block(x)  # frozen and in eval mode: no drop-connect
             if i in self.taps:
-                pooled.append(x.mean((2, 3)))
+                pooled.append(_pool(x))
         x = net._swish(net._bn1(net._conv_head(x)))
-        return torch.cat([*pooled, x.mean((2, 3))], 1)
+        return torch.cat([*pooled, _pool(x)], 1)
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """Average over the feature map in float32, also when the convolutions ran in bf16: a bf16
+    mean keeps 8 bits of the average of hundreds of values, and the cached embedding is that mean."""
+    return x.float().mean((2, 3))

@@ -1,13 +1,20 @@
 """Features mode: one frozen pretrained backbone shared by every node, a small head per node.
 
-Every image of the split is embedded once and cached on disk, keyed by the image's content
-(sha256), the backbone, its weights, the image size, the precision and the view; a second run
-reuses the cache and any change to those misses it. Each parent node then trains a head (linear
-or a small MLP) on the cached embeddings in seconds. The backbone is stored once, in
-``<models>/backbone/``; node folders keep the usual layout with the head's weights in ``model.pth``.
+Every image of the split is embedded once and kept in an embedding store on disk
+(``embedding_store``), keyed by the image's content (sha256) and view, in a store keyed by
+everything that changes the numbers (``embedding_key``); a second run reuses it, a killed run
+resumes from its last shard, and any change to the key starts another store. Each parent node
+then trains a head (linear or a small MLP) on the stored embeddings in seconds. The backbone is
+stored once, in ``<models>/backbone/``, with the precision it embedded in; node folders keep the
+usual layout with the head's weights in ``model.pth``.
 
 The embedding is the backbone's pooled final features with, by default, the pooled outputs of its
 last two stages appended (``backbones.Embedder``, ``--stage-features``).
+
+Precision: the backbone runs in fp32 unless ``--precision bf16`` is given (``auto`` means fp32
+here). bf16 autocast is an opt-in speed-up: 2.7x faster embedding on a CPU with AVX512-BF16, and
+slower on an H100 (669 vs 763 img/s; docs/benchmarks.md). Either way the feature maps are pooled
+in float32.
 
 Views: view 0 is the plain eval transform; view 1 its mirror image; further views are seeded
 random crops. Extra views are training-time augmentation only: val images and prediction use view 0.
@@ -31,23 +38,28 @@ from PIL import Image, ImageOps
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artefacts, backbones, fsio
+from . import artefacts, backbones
 from .artefacts import NodeInfo
 from .config import TrainConfig
-from .devices import resolve_device, training_note, want_bf16
+from .devices import bf16_supported, resolve_device, training_note
+from .embedding_store import EmbeddingStore
+from .hierarchy import Hierarchy
 from .images import ImageError, open_rgb
 from .nodes import NodeData, TrainError, finish_node
+from .progress import progress
 from .recipe import class_weights, data_config_for, seed_everything, warmup_cosine
 from .report import Outcome
 from .runner import NodeFolder
-from .runtime import Runtime, SharedBackbone
+from .runtime import Runtime, SharedBackbone, recorded_precision
 from .transforms import eval_transform, inv_normalize, train_transform
 
 log = logging.getLogger(__name__)
 
-SAVE_EVERY = 1024  # images embedded between cache saves, so a killed run loses little
+SHARD_IMAGES = 1024  # images per shard of the embedding store: a killed run loses at most this many
 MLP_HIDDEN = 256  # as accurate as 512 on the catalogue benchmark, and faster to train
 MLP_BATCH = 128  # 256 was slower per epoch on a 2-core CPU (docs/benchmarks.md)
+# How _view makes each view; part of the embedding key, so change it with _view.
+VIEW_RECIPE = "0: eval transform; 1: mirror, eval transform; n >= 2: train transform seeded by sha256[:8] + n"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -58,37 +70,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-# --- the cache -----------------------------------------------------------------------------------
-@dataclass
-class EmbeddingCache:
-    """{"<image sha256>:<view>": embedding} for one backbone setting, in a single .pt file."""
-
-    folder: Path
-    key: dict
-
-    @property
-    def path(self) -> Path:
-        digest = hashlib.sha256(repr(sorted(self.key.items())).encode()).hexdigest()[:16]
-        return self.folder / f"{self.key['backbone']}-{self.key['image_size']}px-{digest}.pt"
-
-    def load(self) -> dict[str, torch.Tensor]:
-        if not self.path.is_file():
-            return {}
-        try:
-            data = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring the unreadable embedding cache %s (%s)", self.path, exc)
-            return {}
-        if data.get("key") != self.key:
-            return {}
-        return dict(zip(data["ids"], data["features"]))
-
-    def save(self, entries: dict[str, torch.Tensor]) -> None:
-        ids = sorted(entries)
-        with fsio.atomic_path(self.path) as tmp:
-            torch.save({"key": self.key, "ids": ids, "features": torch.stack([entries[i] for i in ids])}, tmp)
-
-
+# --- embedding ----------------------------------------------------------------------------------
 def _view(image: Image.Image, view: int, sha: str, backbone: SharedBackbone) -> torch.Tensor:
     if view == 0:
         return backbone.transform(image)
@@ -98,53 +80,79 @@ def _view(image: Image.Image, view: int, sha: str, backbone: SharedBackbone) -> 
     return train_transform(backbone.data)(image)
 
 
+def _row_id(sha: str, view: int) -> str:
+    return f"{sha}:{view}"
+
+
 def embed_images(
     paths: Sequence[str],
     backbone: SharedBackbone,
-    cache: EmbeddingCache,
+    store: EmbeddingStore,
     views: int | Mapping[str, int] = 1,
     batch_size: int = 32,
 ) -> dict[str, torch.Tensor]:
-    """{path: (views, dim) embeddings} for every readable path, computing only what the cache lacks.
+    """{path: (views, dim) embeddings} for every readable path, computing only what the store lacks.
 
     ``views`` is the number of views for every path, or per path (missing paths get the plain view).
+    New embeddings go to the store a shard at a time, so a killed run resumes where it stopped.
     """
     count = (lambda p: views.get(p, 1)) if isinstance(views, Mapping) else (lambda p: views)
-    with ThreadPoolExecutor(4) as pool:
-        shas = dict(zip(paths, tqdm(pool.map(file_sha256, paths), total=len(paths), desc="hashing images",
-                                    unit="img", leave=False, disable=None)))  # fmt: skip
+    shas = _hash_files(paths)
     wanted_views: dict[str, int] = {}  # per content: identical files share their embeddings
     for p, s in shas.items():
         wanted_views[s] = max(wanted_views.get(s, 0), count(p))
-    stored = cache.load()
     todo = sorted({s: p for p, s in shas.items()
-                   if any(f"{s}:{v}" not in stored for v in range(wanted_views[s]))}.items())  # fmt: skip
+                   if any(_row_id(s, v) not in store for v in range(wanted_views[s]))}.items())  # fmt: skip
     if todo:
-        log.info("embedding %d images (%d cached)", len(todo), len(paths) - len(todo))
-        bar = tqdm(total=len(todo), desc="embedding images", unit="img", disable=None)
-        unsaved = 0
-        with ThreadPoolExecutor(4) as pool:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                opened = list(pool.map(_open_or_none, [p for _, p in chunk]))
-                wanted = [(s, v, im) for (s, _), im in zip(chunk, opened) if im is not None
-                          for v in range(wanted_views[s]) if f"{s}:{v}" not in stored]  # fmt: skip
-                if wanted:
-                    x = torch.stack([_view(im, v, s, backbone) for s, v, im in wanted])
-                    feats = backbone.runtime.run(backbone.embedder, x).cpu()
-                    stored.update((f"{s}:{v}", f.clone()) for (s, v, _), f in zip(wanted, feats))
-                unsaved += len(chunk)
-                bar.update(len(chunk))
-                if unsaved >= SAVE_EVERY:
-                    cache.save(stored)
-                    unsaved = 0
-        bar.close()
-        cache.save(stored)
+        log.info("embedding %d images (%d stored)", len(todo), len(paths) - len(todo))
+        _embed_missing(todo, wanted_views, backbone, store, batch_size)
     return {
-        p: torch.stack([stored[f"{s}:{v}"] for v in range(count(p))])
+        p: torch.from_numpy(np.stack([store[_row_id(s, v)] for v in range(count(p))]))
         for p, s in shas.items()
-        if all(f"{s}:{v}" in stored for v in range(count(p)))
+        if all(_row_id(s, v) in store for v in range(count(p)))
     }
+
+
+def _hash_files(paths: Sequence[str]) -> dict[str, str]:
+    bar = progress(len(paths), "hashing images", leave=False)
+    shas = {}
+    with ThreadPoolExecutor(4) as pool:
+        for path, sha in zip(paths, pool.map(file_sha256, paths)):
+            shas[path] = sha
+            bar.update(1)
+    bar.close()
+    return shas
+
+
+def _embed_missing(
+    todo: list[tuple[str, str]],
+    wanted_views: dict[str, int],
+    backbone: SharedBackbone,
+    store: EmbeddingStore,
+    batch_size: int,
+) -> None:
+    """Embed the missing views of ``todo`` ((sha, path) pairs), adding a shard every SHARD_IMAGES images."""
+    bar = progress(len(todo), "embedding images")
+    ids: list[str] = []
+    rows: list[np.ndarray] = []
+    images_since_shard = 0
+    with ThreadPoolExecutor(4) as pool:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            opened = list(pool.map(_open_or_none, [p for _, p in chunk]))
+            wanted = [(s, v, im) for (s, _), im in zip(chunk, opened) if im is not None
+                      for v in range(wanted_views[s]) if _row_id(s, v) not in store]  # fmt: skip
+            if wanted:
+                x = torch.stack([_view(im, v, s, backbone) for s, v, im in wanted])
+                rows.append(backbone.runtime.run(backbone.embedder, x).cpu().numpy())
+                ids += [_row_id(s, v) for s, v, _ in wanted]
+            images_since_shard += len(chunk)
+            bar.update(len(chunk))
+            if images_since_shard >= SHARD_IMAGES or start + batch_size >= len(todo):
+                if ids:
+                    store.add(ids, np.concatenate(rows))
+                ids, rows, images_since_shard = [], [], 0
+    bar.close()
 
 
 def _open_or_none(path: str) -> Image.Image | None:
@@ -386,34 +394,92 @@ def _fit_mlp(
 
 
 # --- all nodes -----------------------------------------------------------------------------------
+def features_precision(requested: str) -> str:
+    """The backbone's precision in features mode: bf16 only when asked for by name (``auto``: fp32)."""
+    return "bf16" if requested == "bf16" else "fp32"
+
+
 def open_backbone(config: TrainConfig) -> tuple[SharedBackbone, dict]:
-    """The frozen shared backbone that ``config`` asks for, and the key of its embedding cache."""
+    """The frozen shared backbone that ``config`` asks for, and the key of its embedding store."""
     device = resolve_device(config.device)
-    runtime = Runtime(device, want_bf16(config.precision, device))
+    precision = features_precision(config.precision)
+    if precision == "bf16" and not bf16_supported(device):
+        log.warning("bf16 on %s without native bf16 support: expect it to be slower than fp32", device)
     try:
         weights_file = backbones.pretrained_path(config.backbone, config.weights)
         embedder = backbones.Embedder(backbones.create(config.backbone, 0, True, weights_file), config.stage_features)
     except (backbones.WeightsError, ValueError) as exc:
         raise TrainError(str(exc)) from None
     embedder.eval().to(device, memory_format=torch.channels_last)
-    backbone = SharedBackbone(config.backbone, embedder, data_config_for(config), runtime)
-    key = {
-        "backbone": config.backbone,
-        "image_size": backbone.data.image_size,
-        "weights": file_sha256(weights_file)[:16],
-        "bf16": runtime.bf16,
-        "stage_features": config.stage_features,
-    }
-    return backbone, key
+    backbone = SharedBackbone(config.backbone, embedder, data_config_for(config), Runtime(device, precision == "bf16"))
+    return backbone, embedding_key(backbone, file_sha256(weights_file)[:16])
 
 
-def save_backbone(folder: Path, backbone: SharedBackbone, cache_key: dict) -> None:
-    info = NodeInfo(node="(shared backbone)", classes=[], kind="backbone", mode="features",
+def embedding_key(backbone: SharedBackbone, weights_id: str) -> dict:
+    """Everything that changes the numbers of an embedding; the embedding store is keyed on it."""
+    data = backbone.data
+    return {
+        "backbone": backbone.name, "weights": weights_id,
+        "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
+        "eval_transform": repr(backbone.transform), "views": f"{VIEW_RECIPE}; {train_transform(backbone.data)!r}",
+        "precision": backbone.runtime.precision, "stage_features": backbone.embedder.stages,
+    }  # fmt: skip
+
+
+def backbone_info(backbone: SharedBackbone, key: dict) -> NodeInfo:
+    """``<models>/backbone/node.json``: the backbone, its data config, and what else shapes its embedding."""
+    return NodeInfo(node="(shared backbone)", classes=[], kind="backbone", mode="features",
                     backbone=backbone.name, data=backbone.data.to_dict(),
-                    config={"weights_id": cache_key["weights"], "bf16": backbone.runtime.bf16,
-                            "stage_features": backbone.embedder.stages})  # fmt: skip
-    artefacts.save_node(folder, info, backbone.embedder.network.state_dict(), eval_transform(backbone.data),
-                        inv_normalize(backbone.data))  # fmt: skip
+                    config={"weights_id": key["weights"], "precision": key["precision"],
+                            "stage_features": key["stage_features"]})  # fmt: skip
+
+
+def save_backbone(folder: Path, backbone: SharedBackbone, key: dict) -> None:
+    artefacts.save_node(folder, backbone_info(backbone, key), backbone.embedder.network.state_dict(),
+                        eval_transform(backbone.data), inv_normalize(backbone.data))  # fmt: skip
+
+
+def _embedding(info: NodeInfo) -> dict:
+    """What the heads' input depends on, from a backbone's node.json (older folders: no stage features)."""
+    return {"backbone": info.backbone, "weights_id": info.config.get("weights_id"), "data": artefacts.data_config(info),
+            "stage_features": info.config.get("stage_features", 0),
+            "precision": recorded_precision(info.config)}  # fmt: skip
+
+
+def _describe(embedding: dict) -> str:
+    return (f"{embedding['backbone']} (weights {embedding['weights_id']}) {embedding['data'].image_size} px, "
+            f"{embedding['stage_features']} stage features, {embedding['precision']}")  # fmt: skip
+
+
+def refuse_to_replace_a_used_backbone(out: Path, tree: Hierarchy, retrained: set[str], new_info: NodeInfo) -> None:
+    """Stop before ``<out>/backbone/`` changes under the heads that this run leaves in place.
+
+    Every features-mode head reads that one backbone's embeddings; replacing it (``--node b
+    --weights other.pth``) would silently change the input of every other node's head.
+    """
+    try:
+        old = _embedding(artefacts.read_info(out / "backbone"))
+    except artefacts.ArtefactError:
+        return  # none yet, or unreadable: no head can use it
+    new = _embedding(new_info)
+    if old == new:
+        return
+    kept = [n for n in tree.parents if n not in retrained and _is_head(out / tree.folders[n])]
+    if kept:
+        names = ", ".join(repr(n or "root") for n in kept)
+        raise TrainError(
+            f"{out / 'backbone'} embeds with {_describe(old)}, and the heads of {names} were trained on it; "
+            f"this run's {_describe(new)} would change their input: retrain every node with --force "
+            f"(lcpn train without --node), or train into another --out"
+        )
+
+
+def _is_head(folder: Path) -> bool:
+    try:
+        info = artefacts.read_info(folder)
+    except artefacts.ArtefactError:
+        return False
+    return info.mode == "features" and info.kind != "constant"
 
 
 class FeaturesMode:
@@ -422,21 +488,25 @@ class FeaturesMode:
     def __init__(self, split_dir: Path, out: Path, config: TrainConfig) -> None:
         if not config.pretrained and config.weights is None:
             raise TrainError("features mode needs a pretrained backbone; drop --no-pretrained or use --mode finetune")
+        # node.json records the precision used, so auto and fp32 give the same training key
+        config = config.replace(precision=features_precision(config.precision))
         self.split_dir, self.out, self.config = split_dir, out, config.resolved()
         self.backbone: SharedBackbone | None = None
         self.feats: dict[str, torch.Tensor] = {}
 
     def prepare(self, todo: list[NodeData]) -> None:
-        """Embed every image the nodes to train need (cached); finished nodes cost nothing here."""
+        """Embed every image the nodes to train need (stored); finished nodes cost nothing here."""
         config = self.config
         backbone, key = open_backbone(config)
         tqdm.write(training_note(backbone.runtime.device, "features"))
+        tree = Hierarchy.load(self.split_dir / "hierarchy.json")
+        refuse_to_replace_a_used_backbone(self.out, tree, {d.node for d in todo}, backbone_info(backbone, key))
         save_backbone(self.out / "backbone", backbone, key)
         views = {p: 1 for d in todo for p, _ in d.val} | {p: config.views for d in todo for p, _ in d.train}
         paths = sorted(views)
-        cache = EmbeddingCache(Path(config.cache) if config.cache else self.split_dir / "embeddings", key)
+        store = EmbeddingStore(Path(config.cache) if config.cache else self.split_dir / "embeddings", key)
         t0 = time.perf_counter()
-        self.feats = embed_images(paths, backbone, cache, views, config.batch_size) if paths else {}
+        self.feats = embed_images(paths, backbone, store, views, config.batch_size) if paths else {}
         log.info("embeddings ready in %.1f s", time.perf_counter() - t0)
         self.backbone = backbone
 

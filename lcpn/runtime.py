@@ -7,6 +7,7 @@ so they live apart from either side.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,11 @@ class Runtime:
 
     device: torch.device
     bf16: bool = False
+
+    @property
+    def precision(self) -> str:
+        """``"bf16"`` or ``"fp32"``, as artefacts record it."""
+        return "bf16" if self.bf16 else "fp32"
 
     def autocast(self):
         if not self.bf16:
@@ -50,3 +56,14 @@ class SharedBackbone:
 
     def embed(self, images: list[Any]) -> torch.Tensor:
         return self.runtime.run(self.embedder, torch.stack([self.transform(im) for im in images])).cpu()
+
+
+def recorded_precision(backbone_config: Mapping[str, Any]) -> str:
+    """The precision a shared backbone embedded with when its heads were trained: ``"bf16"`` or ``"fp32"``.
+
+    Read from ``config.precision`` in ``<models>/backbone/node.json``; folders written before it was
+    recorded have the older ``config.bf16`` flag instead.
+    """
+    if backbone_config.get("precision") in ("bf16", "fp32"):
+        return backbone_config["precision"]
+    return "bf16" if backbone_config.get("bf16") else "fp32"

@@ -45,8 +45,9 @@ import torch
 from lcpn import artefacts, backbones, fsio
 from lcpn.cascade import DEFAULT_DECODE, Cascade
 from lcpn.config import TrainConfig
+from lcpn.embedding_store import EmbeddingStore
 from lcpn.evaluate import evaluate, split_test_items
-from lcpn.features import EmbeddingCache, embed_images, fit_head, head_spec, open_backbone
+from lcpn.features import embed_images, fit_head, head_spec, open_backbone
 from lcpn.hierarchy import Hierarchy, names_of
 from lcpn.metrics import hierarchical_prf, level_scores, path_accuracy
 from lcpn.models import HeadNode
@@ -229,7 +230,7 @@ def main() -> None:
     backbone, key = open_backbone(config)
     views = {r["path"]: config.views if r["split"] == "train" else 1 for r in fsio.read_csv(split / "images.csv")}
     t0 = time.perf_counter()
-    feats = embed_images(list(views), backbone, EmbeddingCache(work / "embeddings", key), views, BATCH)
+    feats = embed_images(list(views), backbone, EmbeddingStore(work / "embeddings", key), views, BATCH)
     embed_seconds = time.perf_counter() - t0
     log("train features mode (embedding cache warm)")
     t0 = time.perf_counter()

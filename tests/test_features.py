@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -95,7 +97,7 @@ def test_embedding_cache_is_reused_and_invalidated(split, featured, tmp_path, mo
     n_train, n_val = (len({r["path"] for r in rows if r["split"] == s}) for s in ("train", "val"))
     # a new image size misses the cache: plain + mirrored view of each train image, plain view of val
     assert sum(calls) == 2 * n_train + n_val
-    assert len(list((featured / "cache").glob("*.pt"))) == 2
+    assert len([p for p in (featured / "cache").iterdir() if p.is_dir()]) == 2  # one store per embedding
     calls.clear()
     train_nodes(split, tmp_path / "fewer-stages", config.replace(stage_features=1), force=True)
     assert sum(calls) == 2 * n_train + n_val  # another embedding: another cache file
@@ -135,7 +137,10 @@ def test_linear_head_keeps_its_regularisation_path(split, tmp_path):
     train_nodes(split, models, features_config(tmp_path, head="linear", views=1), nodes=["a"])
     info = artefacts.load_node(models / "a").info
     assert [h["C"] for h in info.history] == [0.01, 0.03, 0.1, 1.0]
-    assert sum(h["best"] for h in info.history) == 1 and info.head["C"] in (0.01, 0.03, 0.1, 1.0)
+    lowest = min(info.history, key=lambda h: (h["val_loss"], -h["val_acc"]))
+    assert [h["best"] for h in info.history] == [h is lowest for h in info.history]
+    assert info.head["C"] == lowest["C"]
+    assert info.metrics["accuracy"] == pytest.approx(lowest["val_acc"])  # the report shows the chosen fit
 
 
 def test_mlp_head_is_a_bag_of_differently_seeded_mlps(split, tmp_path):
@@ -158,6 +163,11 @@ def test_mlp_head_is_a_bag_of_differently_seeded_mlps(split, tmp_path):
     train_nodes(split, tmp_path / "no-refit", config.replace(refit=False), nodes=["b"])
     report = (tmp_path / "no-refit" / "b" / "performance.txt").read_text()
     assert "an average of 3 MLPs (val accuracy " in report and "train + val" not in report
+    same_data = artefacts.load_node(tmp_path / "no-refit" / "b").network[1].branches
+    assert not torch.equal(same_data[0][1].weight, same_data[1][1].weight)  # same data, another seed
+    train_nodes(split, tmp_path / "again", config.replace(refit=False), nodes=["b"])
+    rerun = artefacts.load_node(tmp_path / "again" / "b").network[1].branches
+    assert all(torch.equal(a[1].weight, b[1].weight) for a, b in zip(same_data, rerun))  # seeded: reproducible
 
 
 def test_a_head_without_members_is_one_mlp():
@@ -187,8 +197,8 @@ def test_features_flags_of_lcpn_train_reach_the_node(split, tmp_path):
     info = artefacts.read_info(tmp_path / "m" / "b")
     assert (info.config["views"], info.config["precision"], info.head["members"]) == (1, "fp32", 2)
     assert (info.config["stage_features"], info.head["in_features"]) == (1, 320 + 1280)
-    assert len(list(cache.glob("efficientnet-lite0-32px-*.pt"))) == 1
-    assert not artefacts.read_info(tmp_path / "m" / "backbone").config["bf16"]
+    assert len(list(cache.glob("efficientnet-lite0-32px-*/shard-*.npy"))) == 1
+    assert artefacts.read_info(tmp_path / "m" / "backbone").config["precision"] == "fp32"
 
 
 def test_a_head_trained_on_another_embedding_does_not_load(featured, split, tmp_path):
@@ -196,11 +206,11 @@ def test_a_head_trained_on_another_embedding_does_not_load(featured, split, tmp_
 
     models = tmp_path / "models"
     shutil.copytree(featured / "models", models)
-    train_nodes(split, models, features_config(featured, stage_features=0), nodes=["b"], force=True)
+    train_nodes(split, tmp_path / "other", features_config(featured, stage_features=0), nodes=["b"])
+    shutil.rmtree(models / "b")
+    shutil.copytree(tmp_path / "other" / "b", models / "b")
     assert artefacts.read_info(models / "b").head["in_features"] == 1280
-    with pytest.raises(
-        ArtefactError, match="node 'root' was trained on efficientnet-lite0 32 px 1792-feature embeddings"
-    ):
+    with pytest.raises(ArtefactError, match="node 'b' was trained on efficientnet-lite0 32 px 1280-feature embeddings"):
         Cascade.load(models, "cpu")
 
 
@@ -212,11 +222,174 @@ def test_model_folders_from_before_stage_features_still_load(featured, split, tm
     models = tmp_path / "models"
     shutil.copytree(featured / "models", models)
     train_nodes(split, models, features_config(featured, stage_features=0), force=True)
+    paths = [r["path"] for r in read_csv(split / "test.csv")]
+    expected = [p.to_dict() for p in Cascade.load(models, "cpu").predict(paths, batch_size=4, top_k=2)]
     for json_file in models.rglob("node.json"):
         data = json.loads(json_file.read_text())
         data.get("head", {}).pop("in_features", None)
         data.get("config", {}).pop("stage_features", None)
         json_file.write_text(json.dumps(data))
-    paths = [r["path"] for r in read_csv(split / "test.csv")]
-    preds = list(Cascade.load(models, "cpu").predict(paths, batch_size=4))
-    assert all(p.error is None and p.path for p in preds)
+    preds = [p.to_dict() for p in Cascade.load(models, "cpu").predict(paths, batch_size=4, top_k=2)]
+    assert preds == expected and all(p["error"] is None and p["path"] for p in preds)
+
+
+def test_embedder_pools_in_float32_under_bf16_autocast():
+    network = backbones.build("efficientnet-lite0", 0).eval()
+    embedder = backbones.Embedder(network, 2)
+    seen = []  # the bf16 feature maps that the embedding pools; the last activation is the head's
+    for module in (network._blocks[14], network._blocks[15], network._swish):
+        module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        staged = embedder(torch.randn(2, 3, 64, 64))
+    maps = [seen[1], seen[2], seen[-1]]  # seen[0] is the stem's activation
+    assert all(m.dtype == torch.bfloat16 and m.shape[-1] == 2 for m in maps)
+    assert staged.dtype == torch.float32
+    assert torch.equal(staged, torch.cat([m.float().mean((2, 3)) for m in maps], 1))
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+    """A Lite0 shared backbone at 32 px (fp32) and its embedding key."""
+    from lcpn.features import open_backbone
+
+    return open_backbone(features_config(tmp_path_factory.mktemp("lite0"), stage_features=0))
+
+
+def count_embedded(monkeypatch) -> list[int]:
+    """Patch Runtime.run to record how many images each backbone pass embeds."""
+    from lcpn.runtime import Runtime
+
+    calls, original_run = [], Runtime.run
+
+    def counting_run(self, network, x):
+        calls.append(len(x))
+        return original_run(self, network, x)
+
+    monkeypatch.setattr(Runtime, "run", counting_run)
+    return calls
+
+
+def train_paths(split) -> list[str]:
+    return sorted({r["path"] for r in read_csv(split / "images.csv") if r["split"] == "train"})
+
+
+def test_features_mode_embeds_in_fp32_unless_bf16_is_asked_for(split, tmp_path, monkeypatch):
+    from lcpn import devices
+
+    monkeypatch.setattr(devices, "bf16_supported", lambda device: True)  # as on a CPU with AVX512-BF16
+    models = tmp_path / "models"
+    train_nodes(split, models, features_config(tmp_path, head="linear", views=1), nodes=["b"])
+    assert artefacts.read_info(models / "backbone").config["precision"] == "fp32"
+    assert artefacts.read_info(models / "b").config["precision"] == "fp32"
+
+
+def test_a_bf16_backbone_embeds_close_to_fp32_and_records_it(split, tmp_path):
+    from lcpn.embedding_store import EmbeddingStore
+    from lcpn.features import open_backbone
+
+    stores = {}
+    for precision in ("bf16", "fp32"):
+        config = features_config(tmp_path, head="linear", views=1, precision=precision)
+        train_nodes(split, tmp_path / precision, config, nodes=["b"])
+        assert artefacts.read_info(tmp_path / precision / "backbone").config["precision"] == precision
+        assert artefacts.read_info(tmp_path / precision / "b").config["precision"] == precision
+        stores[precision] = EmbeddingStore(tmp_path / "cache", open_backbone(config)[1])
+    assert stores["bf16"].folder != stores["fp32"].folder and len(stores["bf16"]) == len(stores["fp32"]) > 0
+    for id_ in list(stores["fp32"]._rows):
+        fp32, bf16 = stores["fp32"][id_], stores["bf16"][id_]
+        assert not np.array_equal(fp32, bf16)
+        assert np.linalg.norm(bf16 - fp32) < 0.05 * np.linalg.norm(fp32)
+
+
+def test_the_embedding_key_covers_the_transform(split, featured, tmp_path, monkeypatch):
+    from torchvision import transforms as T
+
+    import lcpn.runtime
+
+    def nearest(cfg):  # the same size, mean and std; other pixels
+        size = (cfg.image_size, cfg.image_size)
+        return T.Compose([T.Resize(size, T.InterpolationMode.NEAREST), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
+    calls = count_embedded(monkeypatch)
+    monkeypatch.setattr(lcpn.runtime, "eval_transform", nearest)
+    train_nodes(split, tmp_path / "m", features_config(featured), nodes=["b"])
+    assert sum(calls) > 0  # the fixture's embeddings were made with another transform
+
+
+def test_another_embedding_does_not_replace_the_backbone_other_heads_read(featured, split, tmp_path):
+    import shutil
+
+    from lcpn.train import TrainError
+
+    models = tmp_path / "models"
+    shutil.copytree(featured / "models", models)
+    before = (models / "backbone" / "node.json").read_text()
+    for force in (False, True):
+        with pytest.raises(TrainError, match="retrain every node with --force"):
+            train_nodes(split, models, features_config(featured, stage_features=1), nodes=["b"], force=force)
+        assert (models / "backbone" / "node.json").read_text() == before
+    assert artefacts.read_info(models / "b").head["in_features"] == 192 + 320 + 1280
+    train_nodes(split, models, features_config(featured), nodes=["b"], force=True)  # the same embedding: fine
+    train_nodes(split, models, features_config(featured, stage_features=1), force=True)  # every node: replaced
+    assert artefacts.read_info(models / "backbone").config["stage_features"] == 1
+    assert {artefacts.read_info(models / f).head["in_features"] for f in ("parent", "a", "b", "a/x")} == {320 + 1280}
+
+
+def test_re_embedding_writes_only_the_new_images(split, lite0, tmp_path, monkeypatch):
+    import os
+
+    from lcpn import features
+    from lcpn.embedding_store import EmbeddingStore
+
+    backbone, key = lite0
+    paths = train_paths(split)
+    written = []
+    original_replace = os.replace
+
+    def counting_replace(src, dst):
+        written.append(os.path.getsize(src))
+        original_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", counting_replace)
+    monkeypatch.setattr(features, "SHARD_IMAGES", 4)
+    first = features.embed_images(paths[: len(paths) * 3 // 4], backbone, EmbeddingStore(tmp_path, key), batch_size=4)
+    first_bytes, written[:] = sum(written), []
+    store = EmbeddingStore(tmp_path, key)
+    assert len(store) == len(first) and len(list(store.folder.glob("shard-*.npy"))) >= len(first) // 4
+    everything = features.embed_images(paths, backbone, store, batch_size=4)
+    assert len(everything) == len(paths) and all(torch.equal(everything[p], first[p]) for p in first)
+    assert 0 < sum(written) < first_bytes / 2  # the new quarter of the images, not the whole store again
+
+
+def test_a_damaged_embedding_shard_is_embedded_again(split, lite0, tmp_path, monkeypatch, caplog):
+    from lcpn import features
+    from lcpn.embedding_store import EmbeddingStore
+
+    backbone, key = lite0
+    paths = train_paths(split)
+    monkeypatch.setattr(features, "SHARD_IMAGES", 8)
+    first = features.embed_images(paths, backbone, EmbeddingStore(tmp_path, key), batch_size=4)
+    store_folder = EmbeddingStore(tmp_path, key).folder
+    index = sorted(store_folder.glob("shard-*.json"))[0]
+    damaged = len(json.loads(index.read_text())["ids"])
+    npy = index.with_suffix(".npy")
+    npy.write_bytes(npy.read_bytes()[:-100] + bytes(100))  # zeros where the last rows were
+    calls = count_embedded(monkeypatch)
+    again = features.embed_images(paths, backbone, EmbeddingStore(tmp_path, key), batch_size=4)
+    assert "damaged embedding shard" in caplog.text
+    assert sum(calls) == damaged  # that shard alone, not the whole store
+    assert again.keys() == first.keys()
+    assert all(torch.allclose(again[p], first[p], atol=1e-5) for p in paths)
+
+
+def test_embedding_progress_shows_as_lines_without_a_terminal(split, lite0, tmp_path, capsys):
+    from lcpn import features
+    from lcpn.embedding_store import EmbeddingStore
+
+    backbone, key = lite0
+    paths = train_paths(split)
+    features.embed_images(paths, backbone, EmbeddingStore(tmp_path, key), batch_size=4)
+    lines = capsys.readouterr().err.splitlines()  # captured stderr is not a terminal
+    embedding = [line for line in lines if line.startswith("embedding images: ")]
+    assert len(embedding) >= 3 and f"{len(paths)}/{len(paths)} img (100%)" in embedding[-1]
+    assert any(line.startswith("hashing images: ") for line in lines)
