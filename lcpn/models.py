@@ -28,7 +28,7 @@ from . import artefacts, backbones
 from .artefacts import ArtefactError, NodeInfo
 from .devices import resolve_device, want_bf16
 from .hierarchy import Hierarchy, names_of
-from .runtime import Runtime, SharedBackbone
+from .runtime import Runtime, SharedBackbone, recorded_precision
 
 AS_TRAINED = "as-trained"
 PRECISIONS = (AS_TRAINED, "auto", "bf16", "fp32")
@@ -137,14 +137,6 @@ def node_problems(models: str | Path) -> dict[str, str]:
     return problems
 
 
-def recorded_precision(info: NodeInfo) -> str:
-    """The precision a network was trained in: ``config.precision``, or the older ``config.bf16`` flag."""
-    recorded = info.config.get("precision")
-    if recorded in ("bf16", "fp32"):
-        return recorded
-    return "bf16" if info.config.get("bf16") is True else "fp32"
-
-
 class _Loader:
     """Loads nodes one at a time; the shared backbone once, on the first features node."""
 
@@ -156,7 +148,7 @@ class _Loader:
         self._backbone: SharedBackbone | None = None
 
     def runtime(self, info: NodeInfo) -> Runtime:
-        chosen = recorded_precision(info) if self.precision == AS_TRAINED else self.precision
+        chosen = recorded_precision(info.config) if self.precision == AS_TRAINED else self.precision
         return Runtime(self.device, want_bf16(chosen, self.device))
 
     def node(self, node: str) -> NodeModel:

@@ -56,7 +56,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 def data_config_for(config: TrainConfig) -> DataConfig:
     spec = backbones.spec(config.backbone)
-    return DataConfig(config.image_size or spec.image_size, spec.mean, spec.std)
+    return DataConfig(config.image_size or spec.image_size, spec.mean, spec.std, config.square)
 
 
 def versions() -> dict[str, str]:

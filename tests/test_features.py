@@ -393,3 +393,15 @@ def test_embedding_progress_shows_as_lines_without_a_terminal(split, lite0, tmp_
     embedding = [line for line in lines if line.startswith("embedding images: ")]
     assert len(embedding) >= 3 and f"{len(paths)}/{len(paths)} img (100%)" in embedding[-1]
     assert any(line.startswith("hashing images: ") for line in lines)
+
+
+def test_the_square_mode_is_stored_with_the_model_and_used_to_predict(split, tmp_path):
+    from lcpn.models import load_models
+    from lcpn.transforms import PadToSquare
+
+    models = tmp_path / "models"
+    train_nodes(split, models, features_config(tmp_path, head="linear", views=1, square="letterbox"), nodes=["b"])
+    assert artefacts.read_info(models / "backbone").data["square"] == "letterbox"
+    assert artefacts.read_info(models / "b").data["square"] == "letterbox"
+    _, nodes = load_models(models, "cpu")
+    assert isinstance(nodes["b"].backbone.transform.transforms[0], PadToSquare)
