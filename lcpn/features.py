@@ -488,8 +488,6 @@ class FeaturesMode:
     def __init__(self, split_dir: Path, out: Path, config: TrainConfig) -> None:
         if not config.pretrained and config.weights is None:
             raise TrainError("features mode needs a pretrained backbone; drop --no-pretrained or use --mode finetune")
-        # node.json records the precision used, so auto and fp32 give the same training key
-        config = config.replace(precision=features_precision(config.precision))
         self.split_dir, self.out, self.config = split_dir, out, config.resolved()
         self.backbone: SharedBackbone | None = None
         self.feats: dict[str, torch.Tensor] = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import backbones, fsio
 from .config import TrainConfig
-from .features import FeaturesMode
+from .features import FeaturesMode, features_precision
 from .finetune import FinetuneMode
 from .hierarchy import Hierarchy
 from .nodes import NodeResult, TrainError, chosen_setting, disk_full_as_error, select_nodes
@@ -44,6 +44,8 @@ def train_nodes(
     tree = Hierarchy.load(split_dir / "hierarchy.json")
     chosen = select_nodes(tree, nodes)
     backbones.spec(config.backbone)
+    if config.mode == "features":  # node.json records the precision used: auto and fp32 are one training key
+        config = config.replace(precision=features_precision(config.precision))
     mode = FeaturesMode(split_dir, out, config) if config.mode == "features" else FinetuneMode(config)
     with disk_full_as_error(out):
         out.mkdir(parents=True, exist_ok=True)

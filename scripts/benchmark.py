@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Accuracy and speed of lcpn against its baselines, on the same images and machine.
 
-    python scripts/benchmark.py [--data DIR] [--csv FILE --levels A,B,C] [--workdir DIR] [--out bench.json]
+    python scripts/benchmark.py [--data DIR] [--csv FILE --levels A,B,C] [--ood DIR | --no-ood]
+                                [--option KEY=VALUE]... [--workdir DIR] [--out bench.json]
 
 By default it runs on ../shared/data/fashion-products-9k with its two folder levels; pass
 ``--csv .../labels.csv --levels masterCategory,subCategory,articleType`` for three levels. In one
 run it prepares the split, trains lcpn in features mode (EfficientNet-Lite0), evaluates on the
-held-out test split, and measures on the same test images:
+held-out test split AND on an out-of-distribution set (``--ood``, by default
+../shared/data/fashion-products-ood-dev: other products of the same catalogue, another resize;
+never trained on), and measures on the same test images:
 
-accuracy   lcpn's cascade (best-path decoding, the default; greedy routing as an extra row); a
+accuracy   (``accuracy`` on the test split, ``accuracy_ood`` with the same keys on the OOD set)
+           lcpn's cascade (best-path decoding, the default; greedy routing as an extra row); a
            flat classifier (one head over all leaves) on the same embeddings; hiclass's
            LocalClassifierPerParentNode with LogisticRegression on the same embeddings
 throughput lcpn's batched Cascade in features mode (default decoding) and in finetune mode
@@ -36,15 +40,17 @@ import argparse
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
 from lcpn import artefacts, backbones, fsio
 from lcpn.cascade import DEFAULT_DECODE, Cascade
-from lcpn.config import TrainConfig
+from lcpn.config import OPTIONS, TrainConfig
 from lcpn.embedding_store import EmbeddingStore
 from lcpn.evaluate import evaluate, split_test_items
 from lcpn.features import embed_images, fit_head, head_spec, open_backbone
@@ -59,6 +65,7 @@ from lcpn.train import train_nodes
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-products-9k"
+DEFAULT_OOD = REPO.parent / "shared" / "data" / "fashion-products-ood-dev"
 BACKBONE = "efficientnet-lite0"
 BATCH = 32
 SLICE = 64  # images per node for the finetune-mode models and the epoch estimate
@@ -89,8 +96,8 @@ def throughput(cascade: Cascade, paths: list[str], repeat: int = 1, decode: str 
     return best
 
 
-def flat_baseline(split: Path, tree: Hierarchy, feats: dict, test: list, config: TrainConfig, dim: int):
-    """One head over every leaf, trained with lcpn's own recipe on the same embeddings."""
+def flat_baseline(split: Path, tree: Hierarchy, feats: dict, sets: list[list], config: TrainConfig, dim: int):
+    """One head over every leaf, trained with lcpn's own recipe on the same embeddings; predictions per set."""
     leaves = tree.leaves
     index = {leaf: i for i, leaf in enumerate(leaves)}
     rows = fsio.read_csv(split / "images.csv")
@@ -100,13 +107,15 @@ def flat_baseline(split: Path, tree: Hierarchy, feats: dict, test: list, config:
     t0 = time.perf_counter()
     head, _, _ = fit_head(data, feats, stub, config)
     seconds = time.perf_counter() - t0
-    x = torch.stack([feats[p][0] for p, _ in test]).float()
-    with torch.no_grad():
-        pred = head(x).argmax(1).tolist()
-    return [leaves[i] for i in pred], head, seconds
+    predictions = []
+    for pairs in sets:
+        with torch.no_grad():
+            pred = head(torch.stack([feats[p][0] for p, _ in pairs]).float()).argmax(1).tolist()
+        predictions.append([leaves[i] for i in pred])
+    return predictions, head, seconds
 
 
-def hiclass_baseline(split: Path, tree: Hierarchy, feats: dict, test: list) -> list[str]:
+def hiclass_baseline(split: Path, tree: Hierarchy, feats: dict, sets: list[list]) -> list[list[str]]:
     """hiclass's LCPN with scikit-learn's LogisticRegression on standardised embeddings."""
     from hiclass import LocalClassifierPerParentNode
     from sklearn.linear_model import LogisticRegression
@@ -119,8 +128,36 @@ def hiclass_baseline(split: Path, tree: Hierarchy, feats: dict, test: list) -> l
     scaler = StandardScaler().fit(x)
     model = LocalClassifierPerParentNode(local_classifier=LogisticRegression(max_iter=3000), n_jobs=1)
     model.fit(scaler.transform(x), y)
-    xt = np.stack([feats[p][0].float().numpy() for p, _ in test])
-    return ["/".join(n for n in row if n) for row in model.predict(scaler.transform(xt))]
+    predictions = []
+    for pairs in sets:
+        xt = np.stack([feats[p][0].float().numpy() for p, _ in pairs])
+        predictions.append(["/".join(n for n in row if n) for row in model.predict(scaler.transform(xt))])
+    return predictions
+
+
+def ood_items(ood: Path, levels: str | None, tree: Hierarchy) -> list:
+    """The OOD set's labelled images (its labels.csv when the levels come from a CSV), known leaves only."""
+    items, _ = scan_csv(ood / "labels.csv", levels.split(","), "path", ood) if levels else scan_tree(ood)
+    known = set(tree.leaves)
+    return [it for it in items if it.leaf in known]
+
+
+def confusions(pairs: list[tuple[str, str]], top: int = 12) -> list[dict]:
+    """The most frequent (true, predicted) mistakes."""
+    counts = Counter((t, p) for t, p in pairs if t != p)
+    return [{"true": t, "predicted": p, "images": n} for (t, p), n in counts.most_common(top)]
+
+
+def parse_options(options: list[str]) -> dict:
+    """``KEY=VALUE`` training options for the features-mode run, checked like a config file's values."""
+    out = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in OPTIONS:
+            raise ValueError(f"unknown option '{key}'; known: {', '.join(OPTIONS)}")
+        out[key] = OPTIONS[key].type.convert(value.strip(), None, None)
+    return out
 
 
 def classic_per_image(models: Path, tree: Hierarchy, paths: list[str]) -> float:
@@ -201,10 +238,20 @@ def main() -> None:
     parser.add_argument("--levels", help="with --csv: the label columns, top level first")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench_work", help="split, cache and models")
     parser.add_argument("--out", type=Path, default=REPO / "bench.json")
-    parser.add_argument("--head", default=TrainConfig.head, choices=["linear", "mlp", "ensemble"])
+    parser.add_argument("--ood", type=Path, default=DEFAULT_OOD, help="an out-of-distribution labelled folder tree "
+                        "(with labels.csv for --levels); evaluated, never trained on")  # fmt: skip
+    parser.add_argument("--no-ood", action="store_true", help="skip the out-of-distribution evaluation")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a features-mode training option (e.g. head=linear, stage_features=0)")  # fmt: skip
     args = parser.parse_args()
     if args.csv and not args.levels:
         parser.error("--csv needs --levels (the label columns, top level first)")
+    if not args.no_ood and not args.ood.is_dir():
+        parser.error(f"the OOD folder '{args.ood}' does not exist (give --ood DIR or --no-ood)")
+    try:
+        options = parse_options(args.option)
+    except (ValueError, click.BadParameter) as exc:
+        parser.error(str(exc))
     started = time.perf_counter()
     work = args.workdir
     split = work / ("split_" + ("csv_" + args.levels.replace(",", "-") if args.csv else "folders"))
@@ -223,12 +270,14 @@ def main() -> None:
     test = [(it.path, it.leaf) for it in test_items]
     test_paths = [p for p, _ in test]
 
-    config = TrainConfig(mode="features", backbone=BACKBONE, head=args.head, device="cpu",
-                         cache=str(work / "embeddings"))  # fmt: skip
+    config = TrainConfig(**{"mode": "features", "backbone": BACKBONE, "device": "cpu",
+                            "cache": str(work / "embeddings"), **options})  # fmt: skip
+    ood = [] if args.no_ood else ood_items(args.ood, args.levels, tree)
     models = split.with_name(split.name + "-features")
     log("embed every image once: the cache that features mode and the baselines train from")
     backbone, key = open_backbone(config)
     views = {r["path"]: config.views if r["split"] == "train" else 1 for r in fsio.read_csv(split / "images.csv")}
+    views |= {it.path: 1 for it in ood}
     t0 = time.perf_counter()
     feats = embed_images(list(views), backbone, EmbeddingStore(work / "embeddings", key), views, BATCH)
     embed_seconds = time.perf_counter() - t0
@@ -244,12 +293,21 @@ def main() -> None:
     y_lcpn = [p.node for _, p in lcpn_eval.predictions if p.error is None]
     greedy_eval = evaluate(cascade, test_items, None, BATCH, decode="greedy")
     y_greedy = [p.node for _, p in greedy_eval.predictions if p.error is None]
+    if ood:
+        log(f"evaluate lcpn on the OOD set ({len(ood)} images)")
+        ood_eval = evaluate(cascade, ood, models / "evaluation-ood", BATCH)
+        ood_pairs = [(it.leaf, p.node) for it, p in ood_eval.predictions if p.error is None]
+        ood_greedy = [p.node for _, p in evaluate(cascade, ood, None, BATCH, decode="greedy").predictions
+                      if p.error is None]  # fmt: skip
 
     log("baselines on the same embeddings")
     backbone = next(n for n in cascade.nodes.values() if isinstance(n, HeadNode)).backbone
     dim = backbone.embedder.dim
-    y_flat, flat_head, flat_seconds = flat_baseline(split, tree, feats, test, config, dim)
-    y_hiclass = hiclass_baseline(split, tree, feats, test)
+    ood_pairs_in = [(it.path, it.leaf) for it in ood]
+    sets = [test, ood_pairs_in] if ood else [test]
+    flat_preds, flat_head, flat_seconds = flat_baseline(split, tree, feats, sets, config, dim)
+    hiclass_preds = hiclass_baseline(split, tree, feats, sets)
+    y_flat, y_hiclass = flat_preds[0], hiclass_preds[0]
     truth = [leaf for _, leaf in test]
 
     log("precision: bf16 vs fp32 paths on the test split")
@@ -292,6 +350,23 @@ def main() -> None:
             "flat": accuracy_row(truth, y_flat),
             "hiclass": accuracy_row(truth, y_hiclass),
         },
+        "accuracy_ood": {
+            "lcpn": accuracy_row(*zip(*ood_pairs)),
+            "lcpn_greedy": accuracy_row([t for t, _ in ood_pairs], ood_greedy),
+            "flat": accuracy_row([leaf for _, leaf in ood_pairs_in], flat_preds[1]),
+            "hiclass": accuracy_row([leaf for _, leaf in ood_pairs_in], hiclass_preds[1]),
+        }
+        if ood
+        else None,
+        "ood": {
+            "data": str(args.ood),
+            "n_images": len(ood),
+            "left_out": ood_eval.metrics.get("left_out"),
+            "confusions": confusions(ood_pairs),
+            "worst_leaves": sorted(ood_eval.metrics["leaves"], key=lambda r: r["f1"])[:10],
+        }
+        if ood
+        else None,
         "throughput": {
             "cascade_features": tp_features,
             "cascade_finetune": tp_finetune_b4,
@@ -331,13 +406,18 @@ def main() -> None:
             "batch_size": BATCH,
             "views": config.views,
             "stage_features": config.stage_features,
+            "square": config.square,
+            "options": options,
         },
         "wall_seconds": time.perf_counter() - started,
     }
     fsio.write_json(args.out, bench)
 
-    print(format_table([[name, *(row.get(k) for k in depth_keys), row["path"], row["hf"]]
-                        for name, row in bench["accuracy"].items()], ["", *depth_keys, "path", "hF1"]))  # fmt: skip
+    ood_rows = bench["accuracy_ood"] or {}
+    print(format_table([[name, *(row.get(k) for k in depth_keys), row["path"], row["hf"],
+                         (ood_rows.get(name) or {}).get("path")]
+                        for name, row in bench["accuracy"].items()],
+                       ["", *depth_keys, "path", "hF1", "OOD path"]))  # fmt: skip
     print()
     print(format_table([[k, v] for k, v in bench["throughput"].items()], ["throughput", "images/s"]))
     print()

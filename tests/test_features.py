@@ -400,7 +400,7 @@ def test_the_square_mode_is_stored_with_the_model_and_used_to_predict(split, tmp
     from lcpn.transforms import PadToSquare
 
     models = tmp_path / "models"
-    train_nodes(split, models, features_config(tmp_path, head="linear", views=1, square="letterbox"), nodes=["b"])
+    train_nodes(split, models, features_config(tmp_path, head="linear", views=1, square="letterbox"))
     assert artefacts.read_info(models / "backbone").data["square"] == "letterbox"
     assert artefacts.read_info(models / "b").data["square"] == "letterbox"
     _, nodes = load_models(models, "cpu")
