@@ -231,6 +231,65 @@ def sliced_split(split: Path, out: Path, tree: Hierarchy, per_node: int) -> None
                            ([r["path"], r["sha256"], r["label"]] for r in rows))  # fmt: skip
 
 
+def measure_speed(split: Path, work: Path, tree: Hierarchy, models: Path, cascade: Cascade, flat_head, test_paths):
+    """Throughput of every predictor, training-time estimates, and bf16 against fp32 on the test split."""
+    truth = [it.leaf for it in split_test_items(split)]
+    backbone = next(n for n in cascade.nodes.values() if isinstance(n, HeadNode)).backbone
+    log("precision: bf16 vs fp32 paths on the test split")
+    fp32 = Cascade.load(models, "cpu", "fp32")
+    bf16 = Cascade.load(models, "cpu", "bf16")
+    p32 = [p.node for p in fp32.predict(test_paths, BATCH)]
+    p16 = [p.node for p in bf16.predict(test_paths, BATCH)]
+    agreement = sum(a == b for a, b in zip(p32, p16)) / len(test_paths)
+
+    log("throughput: features cascade, flat single forward")
+    tp_features = throughput(cascade, test_paths, repeat=2)
+    flat_tree = Hierarchy.from_leaves([leaf.replace("/", "|") for leaf in tree.leaves])
+    flat = Cascade(flat_tree, {"": HeadNode([names_of(n)[-1] for n in flat_tree.children[""]], flat_head, backbone)})
+    tp_single = throughput(flat, test_paths, repeat=2)
+
+    log("finetune mode, Lite0: one epoch on a slice of every node, then throughput")
+    lite = finetune_models(split, work, tree, BACKBONE, SLICE, TrainConfig(backbone=BACKBONE, epochs=1, workers=2))
+    # Greedy, as the classic loop: these barely trained models give near-uniform probabilities, for
+    # which a best-path search visits much of the tree (trained models are far more decisive).
+    tp_finetune_lite = throughput(Cascade.load(lite.models, "cpu", "auto"), test_paths[: BATCH * 6], decode="greedy")
+    tp_classic_lite = classic_per_image(lite.models, tree, test_paths[:CLASSIC_IMAGES])
+    epoch_images = sum(len(fsio.read_csv(split / tree.folders[n] / "train.csv")) for n in tree.trainable)
+
+    log("finetune mode, B4 (the trainer's default) at 380 px: one step per node, then throughput")
+    b4_config = TrainConfig(backbone="efficientnet-b4", pretrained=False, epochs=1, batch_size=2, workers=0)
+    b4 = finetune_models(split, work, tree, "efficientnet-b4", 2, b4_config)
+    tp_finetune_b4 = throughput(Cascade.load(b4.models, "cpu", "auto"), test_paths[: BATCH * 2], decode="greedy")
+    tp_classic_b4 = classic_per_image(b4.models, tree, test_paths[:CLASSIC_IMAGES_B4])
+    b4_step = time_b4_step(split, tree)
+    b4_steps = sum(-(-len(fsio.read_csv(split / tree.folders[n] / "train.csv")) // 16) for n in tree.trainable)
+    return {
+        "throughput": {
+            "cascade_features": tp_features,
+            "cascade_finetune": tp_finetune_b4,
+            "classic_per_image": tp_classic_b4,
+            "single_forward": tp_single,
+            "cascade_finetune_lite0": tp_finetune_lite,
+            "classic_per_image_lite0": tp_classic_lite,
+        },
+        "train_seconds": {
+            "finetune_epoch_estimate": b4_step * b4_steps,
+            "finetune_epoch_estimate_lite0": lite.seconds_per_image * epoch_images,
+        },
+        "finetune_estimate_basis": {
+            "b4_seconds_per_step_of_16": b4_step,
+            "b4_steps_per_epoch": b4_steps,
+            "lite0_seconds_per_image": lite.seconds_per_image,
+        },
+        "precision": {
+            "bf16_fp32_path_agreement": agreement,
+            "fp32_path_accuracy": path_accuracy(truth, p32),
+            "bf16_path_accuracy": path_accuracy(truth, p16),
+            "bf16_in_use": backbone.runtime.bf16,
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a labelled folder tree")
@@ -241,6 +300,8 @@ def main() -> None:
     parser.add_argument("--ood", type=Path, default=DEFAULT_OOD, help="an out-of-distribution labelled folder tree "
                         "(with labels.csv for --levels); evaluated, never trained on")  # fmt: skip
     parser.add_argument("--no-ood", action="store_true", help="skip the out-of-distribution evaluation")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="skip the speed measurements (to compare training recipes quickly)")  # fmt: skip
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a features-mode training option (e.g. head=linear, stage_features=0)")  # fmt: skip
     args = parser.parse_args()
@@ -287,7 +348,7 @@ def main() -> None:
     features_seconds = time.perf_counter() - t0
 
     log("evaluate lcpn on the test split")
-    cascade = Cascade.load(models, "cpu", "auto")
+    cascade = Cascade.load(models, "cpu")
     lcpn_eval = evaluate(cascade, test_items, models / "evaluation", BATCH)
     y_true = [it.leaf for it, p in lcpn_eval.predictions if p.error is None]
     y_lcpn = [p.node for _, p in lcpn_eval.predictions if p.error is None]
@@ -310,34 +371,10 @@ def main() -> None:
     y_flat, y_hiclass = flat_preds[0], hiclass_preds[0]
     truth = [leaf for _, leaf in test]
 
-    log("precision: bf16 vs fp32 paths on the test split")
-    fp32 = Cascade.load(models, "cpu", "fp32")
-    bf16 = Cascade.load(models, "cpu", "bf16")
-    p32 = [p.node for p in fp32.predict(test_paths, BATCH)]
-    p16 = [p.node for p in bf16.predict(test_paths, BATCH)]
-    agreement = sum(a == b for a, b in zip(p32, p16)) / len(test_paths)
-
-    log("throughput: features cascade, flat single forward")
-    tp_features = throughput(cascade, test_paths, repeat=2)
-    flat_tree = Hierarchy.from_leaves([leaf.replace("/", "|") for leaf in tree.leaves])
-    flat = Cascade(flat_tree, {"": HeadNode([names_of(n)[-1] for n in flat_tree.children[""]], flat_head, backbone)})
-    tp_single = throughput(flat, test_paths, repeat=2)
-
-    log("finetune mode, Lite0: one epoch on a slice of every node, then throughput")
-    lite = finetune_models(split, work, tree, BACKBONE, SLICE, TrainConfig(backbone=BACKBONE, epochs=1, workers=2))
-    # Greedy, as the classic loop: these barely trained models give near-uniform probabilities, for
-    # which a best-path search visits much of the tree (trained models are far more decisive).
-    tp_finetune_lite = throughput(Cascade.load(lite.models, "cpu", "auto"), test_paths[: BATCH * 6], decode="greedy")
-    tp_classic_lite = classic_per_image(lite.models, tree, test_paths[:CLASSIC_IMAGES])
-    epoch_images = sum(len(fsio.read_csv(split / tree.folders[n] / "train.csv")) for n in tree.trainable)
-
-    log("finetune mode, B4 (the trainer's default) at 380 px: one step per node, then throughput")
-    b4_config = TrainConfig(backbone="efficientnet-b4", pretrained=False, epochs=1, batch_size=2, workers=0)
-    b4 = finetune_models(split, work, tree, "efficientnet-b4", 2, b4_config)
-    tp_finetune_b4 = throughput(Cascade.load(b4.models, "cpu", "auto"), test_paths[: BATCH * 2], decode="greedy")
-    tp_classic_b4 = classic_per_image(b4.models, tree, test_paths[:CLASSIC_IMAGES_B4])
-    b4_step = time_b4_step(split, tree)
-    b4_steps = sum(-(-len(fsio.read_csv(split / tree.folders[n] / "train.csv")) // 16) for n in tree.trainable)
+    speed = {} if args.accuracy_only else measure_speed(split, work, tree, models, cascade, flat_head, test_paths)
+    speed.setdefault("train_seconds", {}).update(
+        features_all_nodes=features_seconds, embedding_all_images=embed_seconds, flat_head=flat_seconds
+    )
 
     depth_keys = [f"level_{d}" for d in range(1, tree.max_depth + 1)]
     bench = {
@@ -367,32 +404,7 @@ def main() -> None:
         }
         if ood
         else None,
-        "throughput": {
-            "cascade_features": tp_features,
-            "cascade_finetune": tp_finetune_b4,
-            "classic_per_image": tp_classic_b4,
-            "single_forward": tp_single,
-            "cascade_finetune_lite0": tp_finetune_lite,
-            "classic_per_image_lite0": tp_classic_lite,
-        },
-        "train_seconds": {
-            "features_all_nodes": features_seconds,
-            "embedding_all_images": embed_seconds,
-            "flat_head": flat_seconds,
-            "finetune_epoch_estimate": b4_step * b4_steps,
-            "finetune_epoch_estimate_lite0": lite.seconds_per_image * epoch_images,
-        },
-        "finetune_estimate_basis": {
-            "b4_seconds_per_step_of_16": b4_step,
-            "b4_steps_per_epoch": b4_steps,
-            "lite0_seconds_per_image": lite.seconds_per_image,
-        },  # fmt: skip
-        "precision": {
-            "bf16_fp32_path_agreement": agreement,
-            "fp32_path_accuracy": path_accuracy(truth, p32),
-            "bf16_path_accuracy": path_accuracy(truth, p16),
-            "bf16_in_use": backbone.runtime.bf16,
-        },
+        **speed,
         "lcpn_metrics": {k: lcpn_eval.metrics[k] for k in ("hierarchical", "mistake_severity", "path_accuracy")},
         "machine": {
             "cpu_count": torch.get_num_threads(),
@@ -418,11 +430,11 @@ def main() -> None:
                          (ood_rows.get(name) or {}).get("path")]
                         for name, row in bench["accuracy"].items()],
                        ["", *depth_keys, "path", "hF1", "OOD path"]))  # fmt: skip
-    print()
-    print(format_table([[k, v] for k, v in bench["throughput"].items()], ["throughput", "images/s"]))
-    print()
-    print(format_table([[k, v] for k, v in bench["train_seconds"].items()], ["training", "seconds"]))
-    print(f"\nbf16 vs fp32 path agreement: {agreement:.4f}; wall time {bench['wall_seconds']:.0f} s; wrote {args.out}")
+    for key, title in (("throughput", "images/s"), ("train_seconds", "seconds"), ("precision", "")):
+        if key in bench:
+            print()
+            print(format_table([[k, v] for k, v in bench[key].items()], [key, title]))
+    print(f"\nwall time {bench['wall_seconds']:.0f} s; wrote {args.out}")
 
 
 if __name__ == "__main__":
