@@ -411,7 +411,8 @@ def open_backbone(config: TrainConfig) -> tuple[SharedBackbone, dict]:
     except (backbones.WeightsError, ValueError) as exc:
         raise TrainError(str(exc)) from None
     embedder.eval().to(device, memory_format=torch.channels_last)
-    backbone = SharedBackbone(config.backbone, embedder, data_config_for(config), Runtime(device, precision == "bf16"))
+    runtime = Runtime(device, precision == "bf16")
+    backbone = SharedBackbone(config.backbone, embedder, data_config_for(config), runtime, config.test_flips)
     return backbone, embedding_key(backbone, file_sha256(weights_file)[:16])
 
 
@@ -431,7 +432,7 @@ def backbone_info(backbone: SharedBackbone, key: dict) -> NodeInfo:
     return NodeInfo(node="(shared backbone)", classes=[], kind="backbone", mode="features",
                     backbone=backbone.name, data=backbone.data.to_dict(),
                     config={"weights_id": key["weights"], "precision": key["precision"],
-                            "stage_features": key["stage_features"]})  # fmt: skip
+                            "stage_features": key["stage_features"], "test_flips": backbone.test_flips})  # fmt: skip
 
 
 def save_backbone(folder: Path, backbone: SharedBackbone, key: dict) -> None:
@@ -442,13 +443,14 @@ def save_backbone(folder: Path, backbone: SharedBackbone, key: dict) -> None:
 def _embedding(info: NodeInfo) -> dict:
     """What the heads' input depends on, from a backbone's node.json (older folders: no stage features)."""
     return {"backbone": info.backbone, "weights_id": info.config.get("weights_id"), "data": artefacts.data_config(info),
-            "stage_features": info.config.get("stage_features", 0),
-            "precision": recorded_precision(info.config)}  # fmt: skip
+            "stage_features": info.config.get("stage_features", 0), "precision": recorded_precision(info.config),
+            "test_flips": info.config.get("test_flips", False)}  # fmt: skip
 
 
 def _describe(embedding: dict) -> str:
     return (f"{embedding['backbone']} (weights {embedding['weights_id']}) {embedding['data'].image_size} px, "
-            f"{embedding['stage_features']} stage features, {embedding['precision']}")  # fmt: skip
+            f"{embedding['stage_features']} stage features, {embedding['precision']}"
+            + (", test flips" if embedding["test_flips"] else ""))  # fmt: skip
 
 
 def refuse_to_replace_a_used_backbone(out: Path, tree: Hierarchy, retrained: set[str], new_info: NodeInfo) -> None:

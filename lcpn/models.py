@@ -94,7 +94,11 @@ class HeadNode:
         # The root asks for every image first, so the whole batch is embedded in one pass.
         feats = batch.inputs("features", rows, self.backbone.embed)
         with torch.inference_mode():
-            return self.head(feats).float().softmax(1)
+            probs = self.head(feats).float().softmax(1)
+            if self.backbone.test_flips:
+                mirrored = batch.inputs("features of the mirror image", rows, self.backbone.embed_mirrored)
+                probs = (probs + self.head(mirrored).float().softmax(1)) / 2
+            return probs
 
 
 def read_tree(models: str | Path) -> Hierarchy:
@@ -176,7 +180,8 @@ class _Loader:
             embedder = backbones.Embedder(network, int(info.config.get("stage_features", 0)))
             embedder.eval().to(self.device, memory_format=torch.channels_last)
             data = artefacts.data_config(info)
-            self._backbone = SharedBackbone(info.backbone, embedder, data, self.runtime(info))
+            flips = bool(info.config.get("test_flips", False))  # folders from before test flips have none
+            self._backbone = SharedBackbone(info.backbone, embedder, data, self.runtime(info), flips)
         return self._backbone
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import ImageOps
 
 from . import backbones
 from .transforms import DataConfig, eval_transform
@@ -50,12 +51,16 @@ class SharedBackbone:
     embedder: backbones.Embedder
     data: DataConfig
     runtime: Runtime
+    test_flips: bool = False  # heads also read each picture's mirror image; their probabilities are averaged
 
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.data)
 
     def embed(self, images: list[Any]) -> torch.Tensor:
         return self.runtime.run(self.embedder, torch.stack([self.transform(im) for im in images])).cpu()
+
+    def embed_mirrored(self, images: list[Any]) -> torch.Tensor:
+        return self.embed([ImageOps.mirror(im) for im in images])
 
 
 def recorded_precision(backbone_config: Mapping[str, Any]) -> str:

@@ -416,3 +416,25 @@ def test_the_larger_lite_backbones_load_their_shipped_imagenet_weights(name):
     assert all(torch.equal(own[k], v) for k, v in shipped.items() if not k.startswith("_fc."))
     with torch.no_grad():
         assert network(torch.zeros(1, 3, 32, 32)).shape == (1, backbones.spec(name).feature_dim)
+
+
+def test_test_flips_average_the_heads_over_each_picture_and_its_mirror(split, tmp_path):
+    from PIL import ImageOps
+
+    from lcpn.images import open_rgb
+    from lcpn.models import load_models
+
+    models = tmp_path / "models"
+    train_nodes(split, models, features_config(tmp_path, head="linear", views=1, test_flips=True))
+    assert artefacts.read_info(models / "backbone").config["test_flips"] is True
+    paths = [r["path"] for r in read_csv(split / "test.csv")][:4]
+    flipped = list(Cascade.load(models, "cpu").predict(paths, batch_size=4, top_k=0))
+    _, nodes = load_models(models, "cpu")
+    root = nodes[""]
+    pictures = [open_rgb(p) for p in paths]
+    with torch.no_grad():
+        plain = root.head(root.backbone.embed(pictures)).softmax(1)
+        mirror = root.head(root.backbone.embed([ImageOps.mirror(p) for p in pictures])).softmax(1)
+    expected = (plain + mirror) / 2
+    assert not torch.allclose(plain, mirror)  # the mirror image is another input
+    assert [p.confidences[0] for p in flipped] == pytest.approx(expected.max(1).values.tolist(), abs=1e-5)
