@@ -30,16 +30,16 @@ class DiskFullError(LcpnError):
 
 
 @contextlib.contextmanager
-def disk_full_as_error(folder: str | Path) -> Iterator[None]:
+def disk_full_as_error(
+    folder: str | Path, advice: str = "free some space there or choose another folder"
+) -> Iterator[None]:
     """Turn "no space left" (or "quota exceeded") inside the block into a DiskFullError naming ``folder``."""
     try:
         yield
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise DiskFullError(
-            f"no space left on the disk that holds '{folder}'; free some space there or choose another folder"
-        ) from None
+        raise DiskFullError(f"no space left on the disk that holds '{folder}'; {advice}") from None
 
 
 def _temporary_name(path: Path) -> Path:

@@ -6,11 +6,9 @@ A node is finished when its folder holds a ``node.json`` made from the same mani
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,20 +23,6 @@ from .report import Outcome, write_node_report
 
 class TrainError(LcpnError):
     """Training cannot start or go on; the message says why in a sentence."""
-
-
-@contextlib.contextmanager
-def disk_full_as_error(folder: Path) -> Iterator[None]:
-    """Turn a full disk (or quota) while writing into ``folder`` into one sentence instead of a traceback."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise TrainError(
-            f"the disk holding '{folder}' is full ({exc.strerror}); free some space and run the same command "
-            "again: finished nodes are kept and an interrupted node resumes from its last checkpoint"
-        ) from None
 
 
 @dataclass

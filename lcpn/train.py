@@ -15,8 +15,9 @@ from . import backbones, fsio
 from .config import TrainConfig
 from .features import FeaturesMode, features_precision
 from .finetune import FinetuneMode
+from .fsio import disk_full_as_error
 from .hierarchy import Hierarchy
-from .nodes import NodeResult, TrainError, chosen_setting, disk_full_as_error, select_nodes
+from .nodes import NodeResult, TrainError, chosen_setting, select_nodes
 from .recipe import versions
 from .runner import run_nodes
 
@@ -47,7 +48,8 @@ def train_nodes(
     if config.mode == "features":  # node.json records the precision used: auto and fp32 are one training key
         config = config.replace(precision=features_precision(config.precision))
     mode = FeaturesMode(split_dir, out, config) if config.mode == "features" else FinetuneMode(config)
-    with disk_full_as_error(out):
+    resume = "free some space and run the same command again: finished nodes are kept and an interrupted node resumes"
+    with disk_full_as_error(out, resume):
         out.mkdir(parents=True, exist_ok=True)
         write_model_index(out, tree, config, split_dir)
         return run_nodes(split_dir, out, tree, chosen, config, mode, force)

@@ -157,6 +157,6 @@ def test_a_full_disk_ends_in_one_sentence_naming_the_folder(split, tmp_path, mon
             "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]  # fmt: skip
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 2, result.output
-    assert f"the disk holding '{out}' is full (No space left on device)" in result.output
+    assert f"no space left on the disk that holds '{out}'; free some space and run" in result.output
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
     assert not (out / "b" / "node.json").exists()
