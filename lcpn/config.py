@@ -155,7 +155,7 @@ OPTIONS: dict[str, Option] = {
                         "about 2.7x faster on CPUs with AVX512-BF16, not on an H100)."),
     "test_flips": Option(click.BOOL, "features mode: at prediction, heads also read each picture's mirror image "
                          "and their probabilities are averaged (stored with the model; twice the backbone work; "
-                         "+0.7 point of path accuracy on the OOD set, docs/benchmarks.md).", FEATURES,
+                         "+0.1 to +0.7 point of path accuracy on the OOD set, docs/benchmarks.md).", FEATURES,
                          flag="--test-flips/--no-test-flips"),
     "cache": Option(click.Path(file_okay=False), "features mode: the embedding cache folder [default: "
                     "<data>/embeddings].", FEATURES),
