@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from .artefacts import NodeInfo
 from .config import TrainConfig
 from .devices import bf16_supported, resolve_device, training_note
 from .embedding_store import EmbeddingStore
+from .fsio import file_sha256
 from .hierarchy import Hierarchy
 from .images import ImageError, open_rgb
 from .nodes import NodeData, TrainError, finish_node
@@ -60,14 +60,6 @@ MLP_HIDDEN = 256  # as accurate as 512 on the catalogue benchmark, and faster to
 MLP_BATCH = 128  # 256 was slower per epoch on a 2-core CPU (docs/benchmarks.md)
 # How _view makes each view; part of the embedding key, so change it with _view.
 VIEW_RECIPE = "0: eval transform; 1: mirror, eval transform; n >= 2: train transform seeded by sha256[:8] + n"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- embedding ----------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ do not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ class TrainingImages:
 
     def fingerprint(self, path: str, picture: Image.Image) -> Fingerprint:
         """What ``count`` compares of one evaluation image (its perceptual hash only if the split has them)."""
-        sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        sha = fsio.file_sha256(path)
         return Fingerprint(sha, perceptual_hash(picture) if self.phash is not None else None)
 
     def count(self, fingerprints: Sequence[Fingerprint]) -> dict:
