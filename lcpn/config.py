@@ -68,6 +68,7 @@ class TrainConfig:
     head_epochs: int = 25  # features mode, mlp head: epochs over the cached embeddings
     mlp_members: int = 3  # features mode: MLPs (different seeds) averaged in an mlp or ensemble head
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
+    linear_class_weights: bool = False  # features mode: the logistic regression weighs classes as the MLPs do
     stage_features: int = 2  # features mode: pooled outputs of the backbone's last N stages join the embedding
     views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
     precision: str = "auto"  # finetune: auto is mixed precision on CUDA; features: auto is fp32 (bf16 by name)
@@ -145,6 +146,9 @@ OPTIONS: dict[str, Option] = {
                           "in an mlp or ensemble head.", ("mlp heads",)),
     "refit": Option(click.BOOL, "features mode: refit the heads on train + val with the setting chosen on val.",
                     FEATURES, flag="--refit/--no-refit"),
+    "linear_class_weights": Option(click.BOOL, "features mode: the logistic regression weighs each class by "
+                                   "1/sqrt(its frequency), capped, as the MLP heads do.", FEATURES,
+                                   flag="--linear-class-weights/--no-linear-class-weights"),
     "stage_features": Option(click.IntRange(min=0), "features mode: append the pooled outputs of the backbone's "
                              "last N stages to its final features (0: the final features only; same single "
                              "pass).", FEATURES),

@@ -250,10 +250,13 @@ def _fit_linear(
 
     xt, yt, xv, yv = hd.x_train.numpy(), hd.y_train.numpy(), hd.x_val.numpy(), hd.y_val.numpy()
     labels = list(range(n_classes))
+    weights = None
+    if config.linear_class_weights:
+        weights = class_weights(np.bincount(yt, minlength=n_classes).tolist()).numpy()  # as the MLPs: train counts
     clf = LogisticRegression(max_iter=3000, warm_start=True)
     history, best = [], None
     for i, c in enumerate(C_GRID, start=1):
-        clf.set_params(C=c).fit(xt, yt)
+        clf.set_params(C=c).fit(xt, yt, sample_weight=None if weights is None else weights[yt])
         pv, pt = _full_proba(clf, xv, n_classes), _full_proba(clf, xt, n_classes)
         entry = {
             "epoch": i, "C": c, "train_acc": float((pt.argmax(1) == yt).mean()),
@@ -268,7 +271,8 @@ def _fit_linear(
     note = ""
     if config.refit and hd.evaluated_on == "val":
         note = "figures from the fit on train alone; the saved logistic regression was refit on train + val"
-        clf.fit(np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+        y_all = np.concatenate([yt, yv])
+        clf.fit(np.concatenate([xt, xv]), y_all, sample_weight=None if weights is None else weights[y_all])
     _load_linear(layer, clf, n_classes)
     return history, torch.as_tensor(pv, dtype=torch.float32), note
 

@@ -9,9 +9,10 @@ from lcpn import artefacts, backbones
 from lcpn.artefacts import ArtefactError, NodeInfo
 from lcpn.cascade import Cascade
 from lcpn.config import TrainConfig
-from lcpn.features import _load_linear
+from lcpn.features import _load_linear, fit_head, head_spec
 from lcpn.fsio import read_csv
 from lcpn.models import HeadNode
+from lcpn.nodes import NodeData
 from lcpn.train import train_nodes
 
 
@@ -131,6 +132,25 @@ def test_logistic_regression_head_matches_scikit_learn(n_classes):
     with torch.no_grad():
         ours = head(torch.tensor(x, dtype=torch.float32)).softmax(1).numpy()
     assert np.allclose(ours, clf.predict_proba(x), atol=1e-5)
+
+
+def test_class_weights_make_the_logistic_regression_favour_a_rare_class():
+    # 300 common and 12 rare embeddings that overlap: unweighted, the rare class loses the overlap.
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (300, 4)), rng.normal(1.2, 1, (12, 4))]).astype(np.float32)
+    y = [0] * 300 + [1] * 12
+    feats = {f"{i}.jpg": torch.from_numpy(row[None]) for i, row in enumerate(x)}
+    pairs = list(zip(feats, y))
+    data = NodeData("n", ["common", "rare"], pairs[::2], pairs[1::2], "")
+    rare_val = torch.from_numpy(x[np.arange(1, 312, 2)][np.array(y[1::2]) == 1])
+    mean_rare_probability = []
+    for weighted in (False, True):
+        config = TrainConfig(mode="features", head="linear", linear_class_weights=weighted).resolved()
+        stub = NodeInfo(node="n", classes=data.classes, mode="features", head=head_spec(config, 4))
+        head, _, _ = fit_head(data, feats, stub, config)
+        with torch.no_grad():
+            mean_rare_probability.append(head(rare_val).softmax(1)[:, 1].mean().item())
+    assert mean_rare_probability[1] > mean_rare_probability[0] + 0.05
 
 
 def test_linear_head_keeps_its_regularisation_path(split, tmp_path):

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Features-mode recipes compared on the test split and an out-of-distribution set, one change at a time.
+
+    python scripts/sweep_recipes.py --split bench_work/split_folders --cache bench_work/embeddings \\
+        --recipe "default" --recipe "linear head=linear" --recipe "lite2 backbone=efficientnet-lite2" \\
+        --out sweep.jsonl
+
+A recipe is a name and ``KEY=VALUE`` training options (those of ``lcpn train``, checked the same way),
+plus two that only this script reads (the backbone is efficientnet-lite0 unless a recipe names another):
+
+- ``backbone=A+B`` concatenates two backbones' embeddings (each embedded once, in its own store);
+- ``temperature=true`` divides each node's logits by a temperature fitted on its val images.
+
+Every image (train, val, test and the OOD set) is embedded once per backbone into the same embedding
+store that ``lcpn train --cache`` uses, with lcpn's own views (train images get ``views`` views; test
+and OOD images their mirror image too, for test flips). Each node's head is fitted with lcpn's own
+``features.fit_head``, and the path is decoded with the cascade's best-path decoder, so a row here is
+what ``lcpn train`` + ``lcpn evaluate`` would give with those options, without writing model folders
+or embedding the evaluation images again for every recipe. Embedding is always done with two stage
+features (the default) and sliced, since the smaller embeddings are its last dimensions.
+
+One JSON line per recipe goes to ``--out`` (appended): path accuracy, correct images and the most
+frequent OOD mistakes; a table of every recipe run is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from lcpn import fsio
+from lcpn.artefacts import NodeInfo
+from lcpn.cascade import best_first
+from lcpn.config import OPTIONS, TrainConfig
+from lcpn.embedding_store import EmbeddingStore
+from lcpn.evaluate import split_test_items
+from lcpn.features import embed_images, fit_head, head_spec, open_backbone
+from lcpn.hierarchy import Hierarchy
+from lcpn.nodes import load_node_data
+from lcpn.report import format_table
+from lcpn.sources import scan_csv, scan_tree
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OOD = REPO.parent / "shared" / "data" / "fashion-products-ood-dev"
+BACKBONE = "efficientnet-lite0"  # as scripts/benchmark.py: its ImageNet weights ship with its package
+EMBED_STAGES = 2  # embed once with the default stage features; fewer are the embedding's last dimensions
+SCRIPT_KEYS = ("temperature",)
+TEMPERATURES = np.arange(0.5, 3.01, 0.1)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_recipe(text: str) -> tuple[str, dict, dict]:
+    """``"name KEY=VALUE ..."`` -> (name, training options, this script's options)."""
+    name, *pairs = text.split()
+    options, extras = {}, {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.replace("-", "_")
+        if not sep:
+            raise ValueError(f"recipe '{name}': '{pair}' is not KEY=VALUE")
+        if key in SCRIPT_KEYS:
+            extras[key] = click.BOOL.convert(value, None, None)
+        elif key == "backbone":
+            options[key] = value
+        elif key in OPTIONS:
+            options[key] = OPTIONS[key].type.convert(value, None, None)
+        else:
+            raise ValueError(f"recipe '{name}': unknown option '{key}'")
+    return name, options, extras
+
+
+def evaluation_items(split: Path, ood: Path | None, levels: str | None, tree: Hierarchy) -> dict[str, list]:
+    """{"test": [(path, leaf)], "ood": [(path, leaf)]}: the split's test images and the OOD set's known leaves."""
+    sets = {"test": [(it.path, it.leaf) for it in split_test_items(split)]}
+    if ood:
+        items, _ = scan_csv(ood / "labels.csv", levels.split(","), "path", ood) if levels else scan_tree(ood)
+        sets["ood"] = [(it.path, it.leaf) for it in items if it.leaf in set(tree.leaves)]
+    return sets
+
+
+def embeddings(split: Path, cache: Path, backbone: str, config: TrainConfig, evaluated: list[str]) -> tuple:
+    """{path: (views, dim)} for every split image and ``evaluated`` path (those with their mirror image),
+    and the widths of the embedding's stage features."""
+    config = dataclasses.replace(config, backbone=backbone, stage_features=EMBED_STAGES, precision="fp32")
+    shared, key = open_backbone(config)
+    rows = fsio.read_csv(split / "images.csv")
+    views = {r["path"]: config.views if r["split"] == "train" else 1 for r in rows}
+    views |= {p: max(2, views.get(p, 1)) for p in evaluated}
+    log(f"embeddings: {backbone}, {config.square}, {len(views)} images")
+    blocks = shared.embedder.network._blocks
+    widths = [blocks[i]._project_conv.out_channels for i in shared.embedder.taps]
+    return embed_images(sorted(views), shared, EmbeddingStore(cache, key), views), widths
+
+
+def select(feats: dict, stage_dims: list[int], stages: int) -> dict:
+    """Keep the pooled outputs of the last ``stages`` stages and the final features."""
+    drop = sum(stage_dims[: len(stage_dims) - stages])
+    return {p: f[:, drop:] for p, f in feats.items()}
+
+
+def fit_temperature(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = head(x).float()
+    losses = [torch.nn.functional.cross_entropy(logits / t, y).item() for t in TEMPERATURES]
+    return float(TEMPERATURES[int(np.argmin(losses))])
+
+
+def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, sets: dict, store: dict) -> dict:
+    config = TrainConfig(**{"mode": "features", "device": "cpu", "backbone": BACKBONE, **options}).resolved()
+    evaluated = [p for pairs in sets.values() for p, _ in pairs]
+    parts = []
+    for backbone in config.backbone.split("+"):
+        ident = (backbone, config.square, config.views)
+        if ident not in store:
+            store[ident] = embeddings(args.split, args.cache, backbone, config, evaluated)
+        feats, widths = store[ident]
+        parts.append(select(feats, widths, config.stage_features))
+    feats = {p: torch.cat([part[p] for part in parts], 1) for p in parts[0]}
+    dim = next(iter(feats.values())).shape[1]
+
+    started = time.perf_counter()
+    heads, temperatures = {}, {}
+    for node in tree.parents:
+        data = load_node_data(args.split, tree, node)
+        if len(data.classes) == 1:
+            continue
+        stub = NodeInfo(node=node, classes=data.classes, mode="features", head=head_spec(config, dim))
+        heads[node], _, _ = fit_head(data, feats, stub, config)
+        if extras.get("temperature") and data.val:
+            x = torch.stack([feats[p][0] for p, _ in data.val]).float()
+            temperatures[node] = fit_temperature(heads[node], x, torch.tensor([y for _, y in data.val]))
+    fit_seconds = time.perf_counter() - started
+
+    row = {"recipe": name, "options": options, **extras, "dim": dim, "fit_seconds": round(fit_seconds, 1)}
+    for set_name, pairs in sets.items():
+        predicted = decode(tree, heads, temperatures, feats, [p for p, _ in pairs], config.test_flips)
+        truth = [leaf for _, leaf in pairs]
+        correct = sum(t == p for t, p in zip(truth, predicted))
+        row[set_name] = {"path": round(correct / len(pairs), 4), "correct": correct, "images": len(pairs)}
+        if set_name == "ood":
+            mistakes = Counter((t, p) for t, p in zip(truth, predicted) if t != p).most_common(8)
+            row["ood_mistakes"] = [f"{t} -> {p}: {n}" for (t, p), n in mistakes]
+    return row
+
+
+def decode(tree: Hierarchy, heads: dict, temperatures: dict, feats: dict, paths: list[str], flips: bool) -> list:
+    """The best path per image, from each node's probabilities (averaged over the mirror image with ``flips``)."""
+    views = [0, 1] if flips else [0]
+    probs = {}
+    for node, head in heads.items():
+        with torch.no_grad():
+            p = sum(
+                (head(torch.stack([feats[q][v] for q in paths]).float()) / temperatures.get(node, 1.0)).softmax(1)
+                for v in views
+            )
+        probs[node] = (p / len(views)).tolist()
+
+    def lookup(requests):
+        return {(r, node): probs[node][r] if node in probs else [1.0] for r, node in requests}
+
+    best = best_first(tree, range(len(paths)), lookup, 1)
+    return [best[r][0][1][-1][0] for r in range(len(paths))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--split", type=Path, required=True, help="a split made by lcpn prepare")
+    parser.add_argument("--cache", type=Path, required=True, help="the embedding store folder (shared across runs)")
+    parser.add_argument("--ood", type=Path, default=DEFAULT_OOD, help="an out-of-distribution labelled folder tree")
+    parser.add_argument("--no-ood", action="store_true", help="evaluate on the test split only")
+    parser.add_argument("--levels", help="the split's label columns when it came from a CSV (for the OOD labels.csv)")
+    parser.add_argument("--recipe", action="append", required=True, metavar='"NAME KEY=VALUE ..."',
+                        help="a recipe to measure (repeat); options as lcpn train's, plus backbone=A+B and "
+                             "temperature=true")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("sweep.jsonl"), help="JSON lines, one per recipe (appended)")
+    args = parser.parse_args()
+    try:
+        recipes = [parse_recipe(r) for r in args.recipe]
+    except (ValueError, click.BadParameter) as exc:
+        parser.error(str(exc))
+    tree = Hierarchy.load(args.split / "hierarchy.json")
+    sets = evaluation_items(args.split, None if args.no_ood else args.ood, args.levels, tree)
+    store, rows = {}, []
+    for name, options, extras in recipes:
+        log(f"recipe {name}: {options} {extras}")
+        row = run_recipe(name, options, extras, args, tree, sets, store)
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(json.dumps(row))
+        rows.append(row)
+    names = list(sets)
+    table = [[r["recipe"], *(f"{r[s]['path']:.4f} ({r[s]['correct']})" for s in names), r["fit_seconds"]] for r in rows]
+    print(format_table(table, ["recipe", *(f"{s} path ({len(sets[s])})" for s in names), "fit s"]))
+
+
+if __name__ == "__main__":
+    main()
