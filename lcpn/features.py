@@ -272,6 +272,8 @@ def _fit_linear(
     if config.refit and hd.evaluated_on == "val":
         note = "figures from the fit on train alone; the saved logistic regression was refit on train + val"
         y_all = np.concatenate([yt, yv])
+        if len(np.unique(y_all)) != len(clf.classes_):  # a class seen in val only: no solution to start from
+            clf.set_params(warm_start=False)
         clf.fit(np.concatenate([xt, xv]), y_all, sample_weight=None if weights is None else weights[y_all])
     _load_linear(layer, clf, n_classes)
     return history, torch.as_tensor(pv, dtype=torch.float32), note

@@ -153,6 +153,21 @@ def test_class_weights_make_the_logistic_regression_favour_a_rare_class():
     assert mean_rare_probability[1] > mean_rare_probability[0] + 0.05
 
 
+def test_a_class_with_val_images_only_joins_the_refit_logistic_regression():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(3 * k, 1, (20, 4)) for k in range(3)]).astype(np.float32)
+    feats = {f"{i}.jpg": torch.from_numpy(row[None]) for i, row in enumerate(x)}
+    pairs = [(p, i // 20) for i, p in enumerate(feats)]
+    train = [pair for pair in pairs[::2] if pair[1] < 2]  # class 2 has no training image
+    data = NodeData("n", ["a", "b", "c"], train, pairs[1::2], "")
+    config = TrainConfig(mode="features", head="linear").resolved()
+    stub = NodeInfo(node="n", classes=data.classes, mode="features", head=head_spec(config, 4))
+    head, _, _ = fit_head(data, feats, stub, config)
+    with torch.no_grad():
+        predicted = head(torch.from_numpy(x[40:])).argmax(1)
+    assert (predicted == 2).float().mean() > 0.8
+
+
 def test_linear_head_keeps_its_regularisation_path(split, tmp_path):
     models = tmp_path / "models"
     train_nodes(split, models, features_config(tmp_path, head="linear", views=1), nodes=["a"])
