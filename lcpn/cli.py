@@ -210,7 +210,7 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
 
     start = time.perf_counter()
     file_options = read_config_file(config_file) if config_file else {}
-    config = make_config(file_options, options, config_file)
+    config = make_config(file_options, options, config_file).resolved()
     try:
         spec(config.backbone)  # an unknown name is a ValueError that lists the known ones
     except ValueError as exc:

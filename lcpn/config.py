@@ -32,11 +32,13 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp32")
 HEADS = ("linear", "mlp", "ensemble")
 MLP_HEADS = ("mlp", "ensemble")
-# What each mode's optimiser takes when --lr / weight_decay are not given: a whole network is
+# What each mode takes when --backbone / --lr / weight_decay are not given. A whole network is
 # fine-tuned with small steps; a head on fixed embeddings takes larger ones and stronger decay.
+# Features mode's backbone is the one that measured best on new product photos (docs/benchmarks.md),
+# and its ImageNet weights ship with its package, so it works offline.
 MODE_DEFAULTS = {
-    "finetune": {"lr": 3e-4, "weight_decay": 1e-2},
-    "features": {"lr": 1e-3, "weight_decay": 0.05},
+    "finetune": {"backbone": "efficientnet-b4", "lr": 3e-4, "weight_decay": 1e-2},
+    "features": {"backbone": "efficientnet-lite2", "lr": 1e-3, "weight_decay": 0.05},
 }
 
 
@@ -47,7 +49,7 @@ class ConfigError(LcpnError):
 @dataclass(frozen=True)
 class TrainConfig:
     mode: str = "finetune"  # finetune: a whole network per node; features: shared frozen backbone
-    backbone: str = "efficientnet-b4"
+    backbone: str | None = None  # None: the mode's (MODE_DEFAULTS): B4 to fine-tune, Lite2 for features
     pretrained: bool = True  # ImageNet weights (see backbones); False trains from scratch
     weights: str | None = None  # a local ImageNet checkpoint for the backbone
     image_size: int | None = None  # None: the backbone's own resolution (380 for B4, 224 for Lite0)
@@ -70,7 +72,7 @@ class TrainConfig:
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
     linear_class_weights: bool = False  # features mode: the logistic regression weighs classes as the MLPs do
     stage_features: int = 2  # features mode: pooled outputs of the backbone's last N stages join the embedding
-    views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
+    views: int = 1  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
     precision: str = "auto"  # finetune: auto is mixed precision on CUDA; features: auto is fp32 (bf16 by name)
     test_flips: bool = True  # features mode: predict from each picture and its mirror image, averaged
     cache: str | None = None  # features mode: embedding cache folder [default: <split>/embeddings]
@@ -82,7 +84,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolved(self) -> TrainConfig:
-        """The config with the mode's defaults filled in where ``lr`` / ``weight_decay`` are None."""
+        """The config with the mode's defaults filled in where ``backbone`` / ``lr`` / ``weight_decay`` are None."""
         defaults = MODE_DEFAULTS[self.mode]
         return self.replace(**{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
@@ -113,7 +115,8 @@ OPTIONS: dict[str, Option] = {
     "mode": Option(click.Choice(MODES), "finetune: fine-tune a whole network per node (GPU territory); features: one "
                    "frozen shared backbone, cached embeddings, a small head per node (seconds on a CPU)."),
     "backbone": Option(click.STRING, "Network: efficientnet-b0 ... efficientnet-b7, or efficientnet-lite0/1/2 "
-                       "(their pretrained weights ship with their packages)."),
+                       "(their pretrained weights ship with their packages) [default: efficientnet-b4 in finetune "
+                       "mode, efficientnet-lite2 in features mode]."),
     "pretrained": Option(click.BOOL, "Start from ImageNet weights, or train from scratch (finetune mode; "
                          "features mode needs them).", flag="--pretrained/--no-pretrained"),
     "weights": Option(click.Path(dir_okay=False), "A local ImageNet checkpoint for the backbone (instead of the "

@@ -44,6 +44,7 @@ def train_nodes(
         raise TrainError(f"'{split_dir}' is not a prepared split (no hierarchy.json); run `lcpn prepare` first")
     tree = Hierarchy.load(split_dir / "hierarchy.json")
     chosen = select_nodes(tree, nodes)
+    config = config.resolved()
     backbones.spec(config.backbone)
     if config.mode == "features":  # node.json records the precision used: auto and fp32 are one training key
         config = config.replace(precision=features_precision(config.precision))

@@ -6,7 +6,7 @@
         --out sweep.jsonl
 
 A recipe is a name and ``KEY=VALUE`` training options (those of ``lcpn train``, checked the same way),
-plus two that only this script reads (the backbone is efficientnet-lite0 unless a recipe names another):
+plus two that only this script reads (a recipe without options is ``lcpn train --mode features``'s default):
 
 - ``backbone=A+B`` concatenates two backbones' embeddings (each embedded once, in its own store);
 - ``temperature=true`` divides each node's logits by a temperature fitted on its val images.
@@ -51,7 +51,6 @@ from lcpn.sources import scan_csv, scan_tree
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OOD = REPO.parent / "shared" / "data" / "fashion-products-ood-dev"
-BACKBONE = "efficientnet-lite0"  # as scripts/benchmark.py: its ImageNet weights ship with its package
 EMBED_STAGES = 2  # embed once with the default stage features; fewer are the embedding's last dimensions
 SCRIPT_KEYS = ("temperature",)
 TEMPERATURES = np.arange(0.5, 3.01, 0.1)
@@ -118,7 +117,7 @@ def fit_temperature(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, sets: dict, store: dict) -> dict:
-    config = TrainConfig(**{"mode": "features", "device": "cpu", "backbone": BACKBONE, **options}).resolved()
+    config = TrainConfig(**{"mode": "features", "device": "cpu", **options}).resolved()
     evaluated = [p for pairs in sets.values() for p, _ in pairs]
     parts = []
     for backbone in config.backbone.split("+"):
