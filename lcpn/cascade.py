@@ -14,6 +14,9 @@ Top-k paths come from an exact best-first search: a path's probability can only 
 deeper, so the first k leaves taken off a priority queue of partial paths are the k best paths.
 ``min_confidence`` cuts the decoded path at the first level below the root whose probability is
 below the threshold (``stopped_early``); the root's decision is always kept.
+
+Attribute models (gender, colour, ...) run once per batch on every image beside the routing; in
+features mode they read the embedding the root's head already computed for the batch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from .artefacts import ArtefactError
 from .feed import ImageSource, feed, source_name
 from .hierarchy import ROOT, Hierarchy, names_of
-from .models import AS_TRAINED, Batch, NodeModel, check_fits, load_models
+from .models import AS_TRAINED, AttributeModel, Batch, NodeModel, check_fits, load_all
 
 DECODERS = ("best-path", "greedy")
 DEFAULT_DECODE = "best-path"
@@ -102,6 +105,7 @@ class Prediction:
     top_k: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     error: str | None = None
+    attributes: dict[str, dict] | None = None  # name -> {label, confidence, top_k}; None without attribute models
 
     @property
     def node(self) -> str:
@@ -114,6 +118,7 @@ class Prediction:
             "path_probability": round(self.path_probability, 6),
             "top_k": [{"path": t["path"], "probability": round(t["probability"], 6)} for t in self.top_k],
             "stopped_early": self.stopped_early, "error": self.error,
+            **({} if self.attributes is None else {"attributes": self.attributes}),
         }  # fmt: skip
 
 
@@ -124,18 +129,24 @@ def _names(steps: Sequence[Step]) -> list[str]:
 class Cascade:
     """Top-down LCPN prediction over a tree of node models."""
 
-    def __init__(self, tree: Hierarchy, nodes: Mapping[str, NodeModel]) -> None:
+    def __init__(
+        self, tree: Hierarchy, nodes: Mapping[str, NodeModel], attributes: Mapping[str, AttributeModel] | None = None
+    ) -> None:
         missing = [n or "root" for n in tree.parents if n not in nodes]
         if missing:
             raise ArtefactError(f"no model for node(s) {', '.join(missing)}; run `lcpn train` for them")
         for node in tree.parents:
             check_fits(tree, node, nodes[node].classes)
         self.tree, self.nodes = tree, dict(nodes)
+        self.attributes = dict(attributes or {})
 
     @classmethod
-    def load(cls, models: str | Path, device: str = "auto", precision: str = AS_TRAINED) -> Cascade:
-        """Every node of a model folder, loaded once (see ``models.load_models``)."""
-        return cls(*load_models(models, device, precision))
+    def load(
+        cls, models: str | Path, device: str = "auto", precision: str = AS_TRAINED, attributes: bool = True
+    ) -> Cascade:
+        """Every node (with ``attributes``, every attribute too) of a model folder, loaded once (``load_all``)."""
+        loaded = load_all(models, device, precision, attributes)
+        return cls(loaded.tree, loaded.nodes, loaded.attributes)
 
     def node_probabilities(self, batch: Batch, probs: dict[Request, torch.Tensor], requests: Iterable[Request]) -> None:
         """Fill ``probs[(row, node)]`` for the requests not yet known, one model call per node.
@@ -166,6 +177,7 @@ class Cascade:
 
         best = best_first(self.tree, rows, lookup, max(1, top_k)) if decode == "best-path" or top_k > 0 else {}
         chosen = greedy(self.tree, rows, lookup) if decode == "greedy" else {r: best[r][0][1] for r in rows}
+        attributes = self.attribute_predictions(batch, list(rows), max(1, top_k))
         out = []
         for r in rows:
             kept, stopped = cut(chosen[r], min_confidence)
@@ -173,7 +185,20 @@ class Cascade:
                 image="", path=_names(kept), confidences=[p for _, p in kept],
                 path_probability=math.prod(p for _, p in kept), stopped_early=stopped,
                 top_k=[{"path": _names(steps), "probability": p} for p, steps in best.get(r, [])[:top_k]],
+                attributes=attributes[r] if self.attributes else None,
             ))  # fmt: skip
+        return out
+
+    def attribute_predictions(self, batch: Batch, rows: list[int], top_k: int) -> dict[int, dict[str, dict]]:
+        """Per row: {attribute: {label, confidence, top_k: [{label, probability}]}}, each model run once."""
+        out: dict[int, dict[str, dict]] = {r: {} for r in rows}
+        for name, attribute in self.attributes.items() if rows else ():
+            values = attribute.model.classes
+            probs = attribute.probs(batch, rows)
+            top = probs.topk(min(top_k, len(values)), dim=1)
+            for r, p, i in zip(rows, top.values.tolist(), top.indices.tolist()):
+                ranked = [{"label": values[j], "probability": round(q, 6)} for q, j in zip(p, i)]
+                out[r][name] = {"label": ranked[0]["label"], "confidence": ranked[0]["probability"], "top_k": ranked}
         return out
 
     def predict(

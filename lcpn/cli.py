@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .errors import LcpnError
-from .sources import scan_csv, scan_tree
+from .sources import scan_csv, scan_tree, with_attributes
 
 
 class _Command(click.Command):
@@ -103,9 +103,21 @@ def _fraction(ctx: click.Context, param: click.Parameter, value: float) -> float
     default=0,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Drop leaves with fewer images than this (reported).",
+    help="Drop leaves with fewer images than this, and group attribute values with fewer into 'other' (reported).",
 )
 @_csv_source_options
+@click.option(
+    "--attributes",
+    "attribute_names",
+    help="Also record these CSV columns (comma-separated, e.g. gender,baseColour) as product attributes, each "
+    "trained as a flat classifier beside the tree; an empty value leaves the image out of that attribute only.",
+)
+@click.option(
+    "--attributes-csv",
+    type=click.Path(path_type=Path),
+    help="For a SOURCE folder: the CSV holding the --attributes columns, joined on its --path-column "
+    "(relative to --image-root, default: the CSV's folder). With --csv the attributes come from that CSV.",
+)
 @click.option(
     "--materialize",
     type=click.Choice(["symlink", "copy"]),
@@ -122,6 +134,8 @@ def prepare(
     levels: str | None,
     path_column: str,
     image_root: Path | None,
+    attribute_names: str | None,
+    attributes_csv: Path | None,
     materialize: str | None,
 ) -> None:
     """Split a labelled image collection once into per-node train/val sets and a test set.
@@ -131,8 +145,10 @@ def prepare(
     from the --levels columns instead. Every image is decoded; unreadable files are excluded with
     their reason, byte-identical files and near-identical pictures (by perceptual hash) stay on one
     side of the split, and leaves too small to split stay in train. The split replaces --out whole
-    once it is complete.
+    once it is complete. --attributes records product attributes (gender, colour, ...) per image,
+    with train/val manifests per attribute that follow the same split.
     """
+    from .attributes import parse_names
     from .prepare import format_summary
     from .prepare import prepare as run_prepare
 
@@ -147,8 +163,15 @@ def prepare(
             raise click.UsageError("give a SOURCE folder, or --csv FILE --levels ...")
         items, excluded = scan_tree(source)
         described = str(source)
+    names = parse_names(attribute_names)
+    if attributes_csv is not None and (csv_file is not None or not names):
+        raise click.UsageError("--attributes-csv goes with a SOURCE folder and --attributes.")
+    if names:
+        if csv_file is None and attributes_csv is None:
+            raise click.UsageError("--attributes with a SOURCE folder needs --attributes-csv FILE.")
+        items = with_attributes(items, csv_file or attributes_csv, names, path_column, image_root)
     start = time.perf_counter()
-    result = run_prepare(items, excluded, out, described, val, test, seed, min_images, materialize)
+    result = run_prepare(items, excluded, out, described, val, test, seed, min_images, materialize, names)
     click.echo(format_summary(result.summary, result.split.hierarchy, out))
     click.echo(f"\nDone in {time.perf_counter() - start:.1f} s.")
 
@@ -186,6 +209,18 @@ def _train_options(command):
     multiple=True,
     help="Train only this parent node (a path such as 'Apparel' or 'root'); repeatable.",
 )
+@click.option(
+    "--attributes",
+    "attribute_names",
+    help="Attributes of the split to train beside the tree, comma-separated [default: all that `lcpn prepare "
+    "--attributes` recorded; '' for none].",
+)
+@click.option(
+    "--attribute",
+    "only_attributes",
+    multiple=True,
+    help="Train only this attribute (with the --node nodes, if any), like --node for a node; repeatable.",
+)
 @_train_options
 @click.option(
     "--config",
@@ -195,19 +230,30 @@ def _train_options(command):
     "override it. An option that the chosen mode does not read is refused, in the file as on the command line.",
 )
 @click.option("--force", is_flag=True, help="Retrain nodes that are already trained, ignoring checkpoints.")
-def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | None, force: bool, **options) -> None:
-    """Train one classifier per parent node of a prepared split.
+def train(
+    data: Path, out: Path, nodes: tuple[str, ...], attribute_names: str | None, only_attributes: tuple[str, ...],
+    config_file: Path | None, force: bool, **options,
+) -> None:  # fmt: skip
+    """Train one classifier per parent node of a prepared split, and one per attribute.
 
-    Each node's folder gets model.pth, node.json, bin/*.pickle, performance.txt and plots.
+    Each node's folder gets model.pth, node.json, bin/*.pickle, performance.txt and plots; so
+    does each attribute's, in attributes/<name>/ (a head on the shared backbone in features mode,
+    a network of its own in finetune mode).
     Finished nodes are skipped and an interrupted node resumes after its last finished epoch, so
     running the same command again continues where it stopped. A node with a single child is
     recorded as constant and not trained. Two runs into the same --out never train one node at
     once: the second is refused with the first one's pid.
     """
+    from .attributes import parse_names
     from .backbones import spec
     from .config import make_config, read_config_file
     from .train import train_nodes
 
+    if only_attributes and attribute_names is not None:
+        raise click.UsageError("give --attributes (which attributes a full run trains) or --attribute (only these).")
+    attributes = parse_names(attribute_names) if attribute_names is not None else None
+    if only_attributes:
+        attributes = parse_names(",".join(only_attributes))
     start = time.perf_counter()
     file_options = read_config_file(config_file) if config_file else {}
     config = make_config(file_options, options, config_file).resolved()
@@ -215,10 +261,10 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
         spec(config.backbone)  # an unknown name is a ValueError that lists the known ones
     except ValueError as exc:
         raise click.UsageError(f"{exc}.") from None
-    results = train_nodes(data, out, config, nodes, force)
+    results = train_nodes(data, out, config, None if only_attributes and not nodes else nodes, force, attributes)
     trained = sum(r.status == "trained" for r in results)
     seconds = time.perf_counter() - start
-    if nodes:  # one of several runs (train_lcpn.sh runs one per node): say which, not a total
+    if nodes or only_attributes:  # one of several runs (train_lcpn.sh runs one per node): say which, not a total
         names = ", ".join(r.node or "root" for r in results)
         click.echo(f"node {names}: ready in {out} ({trained} trained now, {seconds:.1f} s)")
     else:
@@ -234,12 +280,13 @@ def train(data: Path, out: Path, nodes: tuple[str, ...], config_file: Path | Non
     help="A folder written by `lcpn train`.",
 )
 def summary(models: Path) -> None:
-    """Print one line per trained node: kind, classes, validation accuracy and macro F1, epochs.
+    """Print one line per trained node and attribute: kind, classes, validation accuracy and macro F1, epochs.
 
     Every node is also loaded, weights included, as `lcpn predict` would: exit code 1 lists the
     nodes that cannot be loaded and why.
     """
     from .artefacts import ArtefactError, NodeInfo, read_info
+    from .attributes import read_specs
     from .models import node_problems, read_tree
     from .report import format_table
     from .train import chosen_setting
@@ -254,15 +301,17 @@ def summary(models: Path) -> None:
         return [f"{m[k]:.4f}" if isinstance(m.get(k), float) else "-" for k in ("accuracy", "macro_f1")]
 
     tree = read_tree(models)
+    entries = [(node or "(root)", tree.folders[node], len(tree.children[node])) for node in tree.parents]
+    entries += [(s.node, s.folder, len(s.values)) for s in read_specs(models).values()]
     rows = []
-    for node in tree.parents:
+    for title, folder, n_classes in entries:
         try:
-            info = read_info(models / tree.folders[node])
+            info = read_info(models / folder)
         except ArtefactError:
-            rows.append([node or "(root)", "not trained", len(tree.children[node]), None, None, None, None])
+            rows.append([title, "not trained", n_classes, None, None, None, None])
             continue
         kind = info.kind if info.kind == "constant" else info.mode
-        rows.append([node or "(root)", kind, len(info.classes), info.metrics.get("n"), *val_scores(info),
+        rows.append([title, kind, len(info.classes), info.metrics.get("n"), *val_scores(info),
                      chosen_setting(info)])  # fmt: skip
     click.echo(format_table(rows, ["node", "kind", "classes", "val images", "val acc", "macro F1", "chosen"]))
     problems = node_problems(models)
@@ -325,7 +374,13 @@ _batch_option = click.option("--batch-size", default=32, show_default=True, type
     type=click.Choice(["text", "json", "csv"]),
     help="text: one line per image; json: one JSON object per line; csv: one row per image.",
 )
-def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, precision, fmt) -> None:
+@click.option(
+    "--attributes/--no-attributes",
+    default=True,
+    show_default=True,
+    help="Also name the product attributes (gender, colour, ...) that the model folder has classifiers for.",
+)
+def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, precision, fmt, attributes) -> None:
     """Name the class of images at every level of the tree.
 
     INPUTS are image files or folders (searched recursively). Every node model is loaded once and
@@ -338,9 +393,9 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
     from .output import write_predictions
 
     paths = collect_images(inputs)
-    cascade = Cascade.load(models, device, precision)
+    cascade = Cascade.load(models, device, precision, attributes)
     predictions = cascade.predict(paths, batch_size, top_k, decode, min_confidence)
-    failed = write_predictions(predictions, fmt, cascade.tree.max_depth, top_k, sys.stdout)
+    failed = write_predictions(predictions, fmt, cascade.tree.max_depth, top_k, sys.stdout, list(cascade.attributes))
     if failed:
         click.echo(f"{failed} of {len(paths)} image(s) could not be predicted.", err=True)
         sys.exit(1)
@@ -358,6 +413,12 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
     help="Folder for metrics.json, nodes.csv, leaves.csv and the confusion-matrix plots.",
 )
 @click.option(
+    "--attributes-csv",
+    type=click.Path(path_type=Path),
+    help="For a DATA folder tree: a CSV with the true values of the models' attributes, joined on its "
+    "--path-column (relative to --image-root, default: its folder). A split or --csv brings its own.",
+)
+@click.option(
     "--format",
     "fmt",
     default="text",
@@ -370,8 +431,8 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
 @_batch_option
 @_device_option
 @_precision_option
-def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, decode, min_confidence,
-             batch_size, device, precision) -> None:  # fmt: skip
+def evaluate(data, models, csv_file, levels, path_column, image_root, out, attributes_csv, fmt, decode,
+             min_confidence, batch_size, device, precision) -> None:  # fmt: skip
     """Measure the whole cascade on labelled images.
 
     DATA is a split folder from `lcpn prepare` (its end-to-end test set is used) or a labelled
@@ -379,7 +440,9 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, 
     accuracy, hierarchical precision/recall/F1, mistake severity, error propagation per node and
     precision/recall/F1 per leaf. Files left out (excluded by the source, unreadable, or of classes
     the model does not know) are listed with their reason. A warning says when some images are
-    ones the models were trained on (identical files or near-duplicates).
+    ones the models were trained on (identical files or near-duplicates). Attributes the models
+    have classifiers for are scored where the data gives their values (a split's test.csv, the
+    --csv columns of the same names, or --attributes-csv).
     """
     import json
 
@@ -400,6 +463,9 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, 
     if not items:
         raise click.UsageError("there are no images to evaluate on.")
     cascade = Cascade.load(models, device, precision)
+    values_csv = csv_file or attributes_csv
+    if cascade.attributes and values_csv is not None:
+        items = with_attributes(items, values_csv, list(cascade.attributes), path_column, image_root, required=False)
     try:
         training = TrainingImages.of_models(models)
     except NoTrainingRecord as exc:

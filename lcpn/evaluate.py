@@ -8,6 +8,10 @@ Nothing is left out without a word: files the source scan excluded, unreadable i
 of classes the model does not know are listed with their reason and counted in ``metrics.json``.
 When the models' own split is at hand, images the models were trained on (the same file, or a
 near-duplicate) are counted too: their scores say nothing about new photos.
+
+Attributes (gender, colour, ...) are scored on the evaluated images that have a value: accuracy,
+macro F1, a per-value table and a confusion matrix each. Images without a value, and values the
+model has no class for (rare ones it never saw in training), are counted per attribute.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from pathlib import Path
 from tabulate import tabulate
 
 from . import fsio
+from .attributes import read_specs
 from .cascade import DEFAULT_DECODE, Cascade, Prediction
 from .hierarchy import ROOT, ancestors, names_of
-from .metrics import NONE, leaf_scores, prefix, summarize
+from .metrics import NONE, attribute_scores, leaf_scores, prefix, summarize
 from .models import Batch
 from .overlap import Fingerprint, TrainingImages
 from .report import Outcome, confusion_plot, format_table
@@ -94,9 +99,47 @@ def evaluate(
         "decode": decode,
         "min_confidence": min_confidence,
     })  # fmt: skip
+    attribute_pairs = {name: _attribute_pairs(cascade, name, pairs) for name in cascade.attributes}
+    if attribute_pairs:
+        metrics["attributes"] = {name: {**attribute_scores(*_unzip(truth)), **counts}
+                                 for name, (truth, counts) in attribute_pairs.items()}  # fmt: skip
     if out is not None:
         _write(out, metrics, y_true, y_pred, local_hits, cascade)
+        for name, (truth, _) in attribute_pairs.items():
+            _write_attribute(out, cascade, name, metrics["attributes"][name], truth)
     return EvaluationResult(metrics, [(it, p) for it, p in zip(items, preds)])
+
+
+def _attribute_pairs(
+    cascade: Cascade, name: str, pairs: list[tuple[LabelledImage, Prediction]]
+) -> tuple[list[tuple[str, str]], dict]:
+    """(true class, predicted value) of one attribute, and the counts of what could not be scored."""
+    spec = cascade.attributes[name].spec
+    scored, missing, unknown = [], 0, Counter()
+    for item, pred in pairs:
+        raw = item.attributes.get(name)
+        label = None if raw is None else spec.label_of(raw)
+        if label is not None:
+            scored.append((label, pred.attributes[name]["label"]))
+        elif raw is None:
+            missing += 1
+        else:
+            unknown[raw] += 1
+    return scored, {"without_value": missing, "unknown_values": dict(sorted(unknown.items()))}
+
+
+def _unzip(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    return [t for t, _ in pairs], [p for _, p in pairs]
+
+
+def _write_attribute(out: Path, cascade: Cascade, name: str, scores: dict, pairs: list[tuple[str, str]]) -> None:
+    """``attributes/<name>.csv`` (per value) and ``attributes/confusion_<name>.png``."""
+    folder, stem = out / "attributes", Path(cascade.attributes[name].spec.folder).name
+    fsio.write_csv(folder / f"{stem}.csv", VALUE_COLUMNS, [[v[c] for c in VALUE_COLUMNS] for v in scores["values"]])
+    labels = [v["value"] for v in scores["values"]]
+    index = {v: i for i, v in enumerate(labels)}
+    outcome = Outcome(labels, [], [index[t] for t, _ in pairs], [index[p] for _, p in pairs], [], "test")
+    confusion_plot(folder / f"confusion_{stem}.png", f"attribute {name}", outcome)
 
 
 def _write(out: Path, metrics: dict, y_true: list[str], y_pred: list[str], local_hits: dict, cascade: Cascade) -> None:
@@ -124,6 +167,7 @@ def _write(out: Path, metrics: dict, y_true: list[str], y_pred: list[str], local
 
 
 LEAF_COLUMNS = ["leaf", "precision", "recall", "f1", "support"]
+VALUE_COLUMNS = ["value", "precision", "recall", "f1", "support"]
 
 
 def leaf_rows(leaves: list[dict]) -> list[list]:
@@ -171,6 +215,11 @@ def format_metrics(metrics: dict) -> str:
         shown = leaves[:WORST_LEAVES]
         lines += ["", f"Leaves with the lowest F1 ({len(shown)} of {len(leaves)}; all of them in leaves.csv)",
                   format_table(leaf_rows(shown), LEAF_COLUMNS)]  # fmt: skip
+    if metrics.get("attributes"):
+        rows = [[name, a["n"], a["accuracy"], a["macro_f1"], a["without_value"], sum(a["unknown_values"].values())]
+                for name, a in metrics["attributes"].items()]  # fmt: skip
+        header = ["attribute", "images", "accuracy", "macro F1", "no value", "unknown value"]
+        lines += ["", "Attributes (per-value tables in attributes/<name>.csv)", format_table(rows, header)]
     overlap = overlap_warning(metrics)
     if overlap:
         lines += ["", overlap]
@@ -204,5 +253,9 @@ def format_left_out(metrics: dict) -> list[str]:
 
 
 def split_test_items(split_dir: Path) -> list[LabelledImage]:
-    """The global test set of a ``prepare`` output."""
-    return [LabelledImage(r["path"], r["label_path"]) for r in fsio.read_csv(split_dir / "test.csv")]
+    """The global test set of a ``prepare`` output, with the attribute values it recorded."""
+    names = read_specs(split_dir)
+    return [
+        LabelledImage(r["path"], r["label_path"], {n: r[n] for n in names if r.get(n)})
+        for r in fsio.read_csv(split_dir / "test.csv")
+    ]

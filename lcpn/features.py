@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from . import artefacts, backbones
 from .artefacts import NodeInfo
+from .attributes import ATTRIBUTES_FOLDER
 from .config import TrainConfig
 from .devices import bf16_supported, resolve_device, training_note
 from .embedding_store import EmbeddingStore
@@ -464,7 +465,8 @@ def refuse_to_replace_a_used_backbone(out: Path, tree: Hierarchy, retrained: set
     new = _embedding(new_info)
     if old == new:
         return
-    kept = [n for n in tree.parents if n not in retrained and _is_head(out / tree.folders[n])]
+    heads = [out / tree.folders[n] for n in tree.parents] + sorted((out / ATTRIBUTES_FOLDER).glob("*/"))
+    kept = [info.node for info in map(_head_info, heads) if info is not None and info.node not in retrained]
     if kept:
         names = ", ".join(repr(n or "root") for n in kept)
         raise TrainError(
@@ -474,12 +476,13 @@ def refuse_to_replace_a_used_backbone(out: Path, tree: Hierarchy, retrained: set
         )
 
 
-def _is_head(folder: Path) -> bool:
+def _head_info(folder: Path) -> NodeInfo | None:
+    """The node.json of a features-mode head in ``folder``, else None."""
     try:
         info = artefacts.read_info(folder)
     except artefacts.ArtefactError:
-        return False
-    return info.mode == "features" and info.kind != "constant"
+        return None
+    return info if info.mode == "features" and info.kind != "constant" else None
 
 
 class FeaturesMode:

@@ -24,7 +24,8 @@ _UNSAFE = re.compile(r'[\\:*?"<>|\x00-\x1f]')
 # node folder may take (compared with the folder's last part).
 _RESERVED = {
     "hierarchy.json", "summary.json", "test.csv", "images.csv", "config.json", "backbone", "embeddings",
-    "evaluation", "bin", "train", "val", "train.csv", "val.csv", "model.pth", "node.json", "checkpoint.pt",
+    "evaluation", "attributes", "bin", "train", "val", "train.csv", "val.csv", "model.pth", "node.json",
+    "checkpoint.pt",
 }  # fmt: skip
 
 

@@ -59,6 +59,23 @@ def leaf_scores(y_true: Sequence[str], y_pred: Sequence[str], leaves: Sequence[s
     ]
 
 
+def attribute_scores(y_true: Sequence[str], y_pred: Sequence[str]) -> dict:
+    """One attribute's accuracy, macro F1 (over the values that are true labels) and per-value scores."""
+    if not y_true:
+        return {"n": 0, "accuracy": None, "macro_f1": None, "values": []}
+    labels = sorted(set(y_true) | set(y_pred))
+    p, r, f, n = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "n": len(y_true),
+        "accuracy": sum(t == q for t, q in zip(y_true, y_pred)) / len(y_true),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=sorted(set(y_true)), average="macro", zero_division=0)),
+        "values": [
+            {"value": v, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(n[i])}
+            for i, v in enumerate(labels)
+        ],
+    }
+
+
 def hierarchical_prf(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:
     """Micro-averaged hierarchical precision, recall and F1 over ancestor sets (root excluded)."""
     overlap = predicted = true = 0

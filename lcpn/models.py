@@ -3,6 +3,8 @@
 ``load_models`` reads ``hierarchy.json``, loads each parent node's model (weights included) and
 checks that it fits the tree, so that routing never meets a broken node halfway through a batch.
 ``node_problems`` runs the same checks node by node and collects what is wrong instead of stopping.
+``load_all`` also loads the attribute models listed in ``hierarchy.json`` (``attributes``), on the
+same shared backbone, so a features-mode attribute head reads the embedding the nodes' heads read.
 
 Node models answer one question: the child probabilities of some rows of a ``Batch``. A batch
 computes each per-image input (pixels for one transform, the shared backbone's embedding) once.
@@ -19,6 +21,7 @@ import pickle
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +29,7 @@ import torch
 
 from . import artefacts, backbones
 from .artefacts import ArtefactError, NodeInfo
+from .attributes import AttributeSpec, read_specs
 from .devices import resolve_device, want_bf16
 from .hierarchy import Hierarchy, names_of
 from .runtime import Runtime, SharedBackbone, recorded_precision
@@ -101,6 +105,24 @@ class HeadNode:
             return probs
 
 
+@dataclass
+class AttributeModel:
+    """An attribute's classifier: a node model whose classes are the attribute's values."""
+
+    spec: AttributeSpec
+    model: NodeModel
+
+    def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
+        return self.model.probs(batch, rows)
+
+
+@dataclass
+class LoadedModels:
+    tree: Hierarchy
+    nodes: dict[str, NodeModel]  # by node id
+    attributes: dict[str, AttributeModel]  # by attribute name, in the order of hierarchy.json
+
+
 def read_tree(models: str | Path) -> Hierarchy:
     """The tree of a model folder (``hierarchy.json``)."""
     models = Path(models)
@@ -125,19 +147,30 @@ def load_models(
     models: str | Path, device: str = "auto", precision: str = AS_TRAINED
 ) -> tuple[Hierarchy, dict[str, NodeModel]]:
     """The tree and every parent node's model, loaded and checked; raises ArtefactError."""
+    loaded = load_all(models, device, precision, attributes=False)
+    return loaded.tree, loaded.nodes
+
+
+def load_all(models: str | Path, device: str = "auto", precision: str = AS_TRAINED, attributes: bool = True
+             ) -> LoadedModels:  # fmt: skip
+    """Every parent node's model and, with ``attributes``, every attribute model; raises ArtefactError."""
     loader = _Loader(Path(models), read_tree(models), device, precision)
-    return loader.tree, {node: loader.node(node) for node in loader.tree.parents}
+    nodes = {node: loader.node(node) for node in loader.tree.parents}
+    specs = read_specs(models) if attributes else {}
+    return LoadedModels(loader.tree, nodes, {name: loader.attribute(spec) for name, spec in specs.items()})
 
 
 def node_problems(models: str | Path) -> dict[str, str]:
-    """What keeps each parent node from loading (on the CPU), by node id; empty when all load."""
+    """What keeps each parent node (by node id) or attribute (``attribute:<name>``) from loading on the CPU."""
     loader = _Loader(Path(models), read_tree(models), "cpu", "fp32")
+    checks = [(n, partial(loader.node, n)) for n in loader.tree.parents]
+    checks += [(s.node, partial(loader.attribute, s)) for s in read_specs(models).values()]
     problems = {}
-    for node in loader.tree.parents:
+    for name, check in checks:
         try:
-            loader.node(node)
+            check()
         except ArtefactError as exc:
-            problems[node] = str(exc)
+            problems[name] = str(exc)
     return problems
 
 
@@ -156,15 +189,24 @@ class _Loader:
         return Runtime(self.device, want_bf16(chosen, self.device))
 
     def node(self, node: str) -> NodeModel:
-        folder = self.models / self.tree.folders[node]
-        loaded = artefacts.load_node(folder)
+        loaded = artefacts.load_node(self.models / self.tree.folders[node])
+        check_fits(self.tree, node, loaded.info.classes)
+        return self._model(loaded, f"node '{node or 'root'}'")
+
+    def attribute(self, spec: AttributeSpec) -> AttributeModel:
+        loaded = artefacts.load_node(self.models / spec.folder)
+        if loaded.info.classes != list(spec.values):
+            raise ArtefactError(f"the model of attribute '{spec.name}' knows {loaded.info.classes}, but "
+                                f"{self.models / 'hierarchy.json'} lists {list(spec.values)}")  # fmt: skip
+        return AttributeModel(spec, self._model(loaded, f"attribute '{spec.name}'"))
+
+    def _model(self, loaded: artefacts.LoadedNode, title: str) -> NodeModel:
         info = loaded.info
-        check_fits(self.tree, node, info.classes)
         if info.kind == "constant":
             return ConstantNode(info.classes)
         if info.mode == "features":
             backbone = self.backbone()
-            _check_head_fits(node, info, backbone, self.models)
+            _check_head_fits(title, info, backbone, self.models)
             return HeadNode(info.classes, loaded.network.to("cpu"), backbone)
         network = loaded.network.to(self.device, memory_format=torch.channels_last)
         return NetworkNode(info.classes, network, loaded.transforms, self.runtime(info))
@@ -185,13 +227,13 @@ class _Loader:
         return self._backbone
 
 
-def _check_head_fits(node: str, info: NodeInfo, shared: SharedBackbone, models: Path) -> None:
+def _check_head_fits(title: str, info: NodeInfo, shared: SharedBackbone, models: Path) -> None:
     """A head trained on another embedding (``lcpn train --node`` with other options) must not load."""
     trained_on = (info.backbone, artefacts.data_config(info).image_size, artefacts.head_in_features(info))
     given = (shared.name, shared.data.image_size, shared.embedder.dim)
     if trained_on != given:
         raise ArtefactError(
-            f"the head of node '{node or 'root'}' was trained on {_describe(*trained_on)} embeddings, but "
+            f"the head of {title} was trained on {_describe(*trained_on)} embeddings, but "
             f"{models / BACKBONE_FOLDER} gives {_describe(*given)} ones; retrain that node with the others' options"
         )
 

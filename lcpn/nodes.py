@@ -1,5 +1,8 @@
 """One parent node's training data and its finished artefact, shared by both modes and the runner.
 
+An attribute (``attributes``) is trained as such a node too: its values are the classes, its
+manifests are in ``attributes/<name>/``, and its node id is ``attribute:<name>``.
+
 A node is finished when its folder holds a ``node.json`` made from the same manifests
 (``data_hash``) and the same ``training_key``; both modes finish a node through ``finish_node``.
 """
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from . import artefacts, fsio
 from .artefacts import NodeInfo
+from .attributes import AttributeSpec
 from .config import TrainConfig
 from .errors import LcpnError
 from .hierarchy import Hierarchy, names_of
@@ -32,6 +36,7 @@ class NodeData:
     train: list[tuple[str, int]]  # (image path, class index)
     val: list[tuple[str, int]]
     data_hash: str  # sha256 of the node's train and val manifests
+    folder: str = ""  # the node's folder, the same in the split and in the model folder
 
     @property
     def title(self) -> str:
@@ -47,9 +52,17 @@ class NodeData:
 
 def load_node_data(split_dir: Path, tree: Hierarchy, node: str) -> NodeData:
     """The node's train/val manifests from a ``prepare`` output, labels as child indices."""
-    classes = [names_of(c)[-1] for c in tree.children[node]]
+    return _read_manifests(split_dir, node, [names_of(c)[-1] for c in tree.children[node]], tree.folders[node])
+
+
+def load_attribute_data(split_dir: Path, spec: AttributeSpec) -> NodeData:
+    """An attribute's train/val manifests, labels as indices of its values."""
+    return _read_manifests(split_dir, spec.node, list(spec.values), spec.folder)
+
+
+def _read_manifests(split_dir: Path, node: str, classes: list[str], relative: str) -> NodeData:
     index = {c: i for i, c in enumerate(classes)}
-    folder = split_dir / tree.folders[node]
+    folder = split_dir / relative
     digest = hashlib.sha256()
     rows = {}
     for split in ("train", "val"):
@@ -61,7 +74,7 @@ def load_node_data(split_dir: Path, tree: Hierarchy, node: str) -> NodeData:
             rows[split] = [(r["path"], index[r["label"]]) for r in fsio.read_csv(path)]
         except KeyError as exc:
             raise TrainError(f"'{path}' has a label or column the tree does not know: {exc}") from None
-    return NodeData(node, classes, rows["train"], rows["val"], digest.hexdigest())
+    return NodeData(node, classes, rows["train"], rows["val"], digest.hexdigest(), relative)
 
 
 def select_nodes(tree: Hierarchy, names: Iterable[str]) -> list[str]:

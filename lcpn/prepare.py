@@ -7,6 +7,10 @@ Output (``split_datasets/`` by default)::
     images.csv           every kept image: path, sha256, leaf, split, phash
     test.csv             the global end-to-end test set: path, sha256, label_path, phash
     <node folder>/train.csv, val.csv   per parent node: path, sha256, label (child class name)
+    attributes/<name>/train.csv, val.csv   per attribute (``--attributes``): path, sha256, label (value)
+
+With attributes, ``images.csv`` and ``test.csv`` also have a column per attribute (the raw value,
+empty when missing); see ``attributes`` for how missing and rare values are handled.
 
 The split is written into a temporary folder beside ``--out`` that replaces the old split whole
 once it is complete, so a killed or failed run leaves the old split or none, never a mix; the old
@@ -20,6 +24,7 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from . import __version__, fsio
+from .attributes import AttributeSpec, make_specs
 from .duplicates import NEAR_DUPLICATE_BITS, perceptual_hash
 from .errors import LcpnError
 from .hierarchy import Hierarchy, names_of
@@ -65,7 +71,7 @@ def inspect(items: list[LabelledImage], workers: int | None = None) -> tuple[lis
             picture = open_rgb(data)
         except ImageError as exc:
             return Excluded(item.path, str(exc))
-        return Image(item.path, item.leaf, hashlib.sha256(data).hexdigest(), perceptual_hash(picture))
+        return Image(item.path, item.leaf, hashlib.sha256(data).hexdigest(), perceptual_hash(picture), item.attributes)
 
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     good: list[Image] = []
@@ -87,8 +93,13 @@ def prepare(
     seed: int = 0,
     min_images: int = 0,
     materialize: str | None = None,
+    attributes: Sequence[str] = (),
 ) -> PrepareResult:
-    """Check, split and write; ``excluded`` holds what the source scan already left out."""
+    """Check, split and write; ``excluded`` holds what the source scan already left out.
+
+    ``attributes`` names the attribute values (in each item's ``attributes``) to record and make
+    manifests for; values with fewer than ``min_images`` images are grouped (``attributes``).
+    """
     out = Path(out)
     _check_replaceable(out, items)
     images, bad = inspect(items)
@@ -102,8 +113,13 @@ def prepare(
         raise SourceError(f"a classifier needs at least two classes, but the data has one ({only})")
 
     settings = {"source": source, "val": val, "test": test, "seed": seed, "min_images": min_images}
+    names = list(attributes)
+    if names:
+        settings["attributes"] = names
+    train = [im for im in result.images if result.split_of(im) == TRAIN]
+    specs = make_specs(names, _value_counts(result.images, names), _value_counts(train, names), min_images)
     with fsio.disk_full_as_error(out), fsio.replaced_folder(out, keep=KEPT_FROM_OLD_SPLIT) as folder:
-        summary = _write_split(folder, result, excluded, settings, materialize)
+        summary = _write_split(folder, result, excluded, settings, materialize, specs)
     return PrepareResult(split=result, excluded=excluded, summary=summary)
 
 
@@ -121,19 +137,29 @@ def _check_replaceable(out: Path, items: list[LabelledImage]) -> None:
 
 
 def _write_split(
-    out: Path, result: SplitResult, excluded: list[Excluded], settings: dict, materialize: str | None
+    out: Path,
+    result: SplitResult,
+    excluded: list[Excluded],
+    settings: dict,
+    materialize: str | None,
+    attributes: list[AttributeSpec],
 ) -> dict:
     """Write every file of the split into ``out``; hierarchy.json, which marks a split as made, last."""
     tree = result.hierarchy
+    names = [a.name for a in attributes]
+
+    def values(im: Image) -> list[str]:
+        return [im.attributes.get(name, "") for name in names]
+
     fsio.write_csv(
         out / "images.csv",
-        IMAGES_HEADER,
-        ((im.path, im.sha256, im.leaf, result.split_of(im), im.phash) for im in result.images),
+        [*IMAGES_HEADER, *names],
+        ((im.path, im.sha256, im.leaf, result.split_of(im), im.phash, *values(im)) for im in result.images),
     )
     fsio.write_csv(
         out / "test.csv",
-        TEST_HEADER,
-        ((im.path, im.sha256, im.leaf, im.phash) for im in result.images if result.split_of(im) == TEST),
+        [*TEST_HEADER, *names],
+        ((im.path, im.sha256, im.leaf, im.phash, *values(im)) for im in result.images if result.split_of(im) == TEST),
     )
     node_counts = {}
     for node in tree.parents:
@@ -147,11 +173,39 @@ def _write_split(
             if materialize:
                 _materialize(folder / split, rows, materialize)
         node_counts[node or "(root)"] = counts
+    attribute_counts = {a.name: _write_attribute(out, result, a) for a in attributes}
 
     summary = _summary(result, excluded, node_counts, settings)
+    if attributes:
+        summary["attributes"] = attribute_counts
     fsio.write_json(out / "summary.json", summary)
-    fsio.write_json(out / "hierarchy.json", {**tree.to_dict(), "split": settings, "lcpn_version": __version__})
+    index = {**tree.to_dict(), "split": settings, "lcpn_version": __version__}
+    if attributes:
+        index["attributes"] = {a.name: a.to_dict() for a in attributes}
+    fsio.write_json(out / "hierarchy.json", index)
     return summary
+
+
+def _value_counts(images: list[Image], names: list[str]) -> dict[str, Counter]:
+    return {name: Counter(im.attributes[name] for im in images if name in im.attributes) for name in names}
+
+
+def _write_attribute(out: Path, result: SplitResult, spec: AttributeSpec) -> dict:
+    """An attribute's train/val manifests (images with a value only); its counts for summary.json."""
+    labelled = [(im, spec.label_of(im.attributes[spec.name])) for im in result.images if spec.name in im.attributes]
+    learnt = [(im, label) for im, label in labelled if label is not None]
+    for split in (TRAIN, VAL):
+        rows = [(im.path, im.sha256, label) for im, label in learnt if result.split_of(im) == split]
+        fsio.write_csv(out / spec.folder / f"{split}.csv", MANIFEST_HEADER, rows)
+    raw = Counter(im.attributes[spec.name] for im, _ in labelled)
+    unlearnt = Counter(im.attributes[spec.name] for im, label in labelled if label is None)
+    return {
+        "values": dict(sorted(Counter(label for _, label in learnt).items())),
+        "missing": len(result.images) - len(labelled),
+        "grouped_into_other": {v: raw[v] for v in spec.grouped},
+        "without_train_images": dict(sorted(unlearnt.items())),
+        **{split: sum(result.split_of(im) == split for im, _ in learnt) for split in (TRAIN, VAL, TEST)},
+    }
 
 
 def _materialize(target: Path, rows: list[tuple[str, str, str]], how: str) -> None:
@@ -250,6 +304,17 @@ def format_summary(summary: dict, tree: Hierarchy, out: Path, show: int = 10) ->
         "Warning: near-identical pictures with different labels",
         [" ~ ".join(g) for g in summary["conflicting_near_duplicates"]],
     )
+    for name, a in summary.get("attributes", {}).items():
+        values = ", ".join(f"{v} {n}" for v, n in sorted(a["values"].items(), key=lambda x: -x[1]))
+        split = f"{a['train']} train, {a['val']} val, {a['test']} test"
+        lines += ["", f"Attribute {name}: {len(a['values'])} values ({values})",
+                  f"  {split}; {a['missing']} image(s) without a value"]  # fmt: skip
+        if a["grouped_into_other"]:
+            grouped = ", ".join(f"{v} {n}" for v, n in a["grouped_into_other"].items())
+            lines.append(f"  values with fewer than --min-images images, grouped into 'other': {grouped}")
+        if a["without_train_images"]:
+            unlearnt = ", ".join(f"{v} {n}" for v, n in a["without_train_images"].items())
+            lines.append(f"  values without a train image (not learnt; their images are left out): {unlearnt}")
     if summary["tree"]["constant_nodes"]:
         lines.extend(
             [

@@ -1,8 +1,9 @@
 """The one node loop of ``lcpn train``, for every mode and every way of running it.
 
-For the chosen parent nodes, top-down: skip the finished ones (before any expensive work), lock
-the others (``locks``), let the mode prepare once for exactly the nodes it will train (features
-mode embeds their images there), then build each node in a temporary folder and swap it in.
+For the chosen parent nodes, top-down, then the chosen attributes (flat nodes of their own): skip
+the finished ones (before any expensive work), lock the others (``locks``), let the mode prepare
+once for exactly the nodes it will train (features mode embeds their images there), then build
+each node in a temporary folder and swap it in.
 ``train_lcpn.sh`` with ``JOBS=N`` runs one ``lcpn train --node`` per node through this same loop,
 and a distributed runner would call ``run_nodes`` for one node per task.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,9 +28,18 @@ from tqdm.auto import tqdm
 
 from . import artefacts, locks
 from .artefacts import CHECKPOINT, ENCODER, MODEL, NODE_JSON, NodeInfo
+from .attributes import AttributeSpec
 from .config import TrainConfig
 from .hierarchy import Hierarchy
-from .nodes import NodeData, NodeResult, is_finished, load_node_data, save_constant_node, summary_line
+from .nodes import (
+    NodeData,
+    NodeResult,
+    is_finished,
+    load_attribute_data,
+    load_node_data,
+    save_constant_node,
+    summary_line,
+)
 from .report import REPORT_FILES
 
 # Everything a finished node writes into its folder (child nodes' folders sit beside these).
@@ -56,34 +67,35 @@ class Mode(Protocol):
 
 
 def run_nodes(
-    split_dir: Path, out: Path, tree: Hierarchy, chosen: list[str], config: TrainConfig, mode: Mode, force: bool
-) -> list[NodeResult]:
-    """Train the ``chosen`` parent nodes into ``out`` with ``mode``; print a line per node."""
+    split_dir: Path, out: Path, tree: Hierarchy, chosen: list[str], config: TrainConfig, mode: Mode, force: bool,
+    attributes: Sequence[AttributeSpec] = (),
+) -> list[NodeResult]:  # fmt: skip
+    """Train the ``chosen`` parent nodes and ``attributes`` into ``out`` with ``mode``; print a line per node."""
     nodes = [load_node_data(split_dir, tree, n) for n in chosen]
-    folders = {d.node: out / tree.folders[d.node] for d in nodes}
+    nodes += [load_attribute_data(split_dir, a) for a in attributes]
 
     def finished(data: NodeData) -> bool:  # a constant node costs nothing: always rewritten
-        return not force and len(data.classes) > 1 and is_finished(folders[data.node], data.data_hash, config)
+        return not force and len(data.classes) > 1 and is_finished(out / data.folder, data.data_hash, config)
 
-    held: dict[str, locks.NodeLock] = {}
+    held: dict[str, locks.NodeLock] = {}  # by folder: attribute and node ids share no name space
     try:
         for data in nodes:
             if finished(data):
                 continue
-            held[data.node] = locks.acquire(folders[data.node], data.title)
+            held[data.folder] = locks.acquire(out / data.folder, data.title)
             if finished(data):  # another run finished it just before releasing its lock
-                held.pop(data.node).release()
+                held.pop(data.folder).release()
                 continue
-            clean_leftovers(folders[data.node], drop_checkpoint=force)
-        todo = [d for d in nodes if d.node in held and len(d.classes) > 1]
+            clean_leftovers(out / data.folder, drop_checkpoint=force)
+        todo = [d for d in nodes if d.folder in held and len(d.classes) > 1]
         if todo:
             mode.prepare(todo)
         results = []
         for data in nodes:
-            folder = folders[data.node]
-            if data.node in held:
+            folder = out / data.folder
+            if data.folder in held:
                 results.append(build_node(data, folder, mode, config))
-                held.pop(data.node).release()
+                held.pop(data.folder).release()
             else:
                 results.append(NodeResult(data.node, "skipped", artefacts.read_info(folder)))
             tqdm.write(summary_line(results[-1]))

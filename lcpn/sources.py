@@ -2,6 +2,7 @@
 
 Both yield ``LabelledImage`` records (absolute path + leaf node id) and a list of rows or files
 that were left out, each with its reason. Nothing here opens an image; see ``images``.
+``with_attributes`` adds attribute values (gender, colour, ...) from a CSV, joined on the image path.
 
 Folder-tree rule: folders are classes and images belong to leaf folders only. A file that sits
 directly in a class folder that also has sub-folders has no leaf class, so it is left out and
@@ -13,9 +14,11 @@ from __future__ import annotations
 import csv
 import os
 import unicodedata
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .attributes import check_names, clean_value
 from .errors import LcpnError
 from .hierarchy import SEP, node_id
 from .images import IMAGE_SUFFIXES, is_hidden
@@ -29,6 +32,7 @@ class SourceError(LcpnError):
 class LabelledImage:
     path: str  # absolute
     leaf: str  # node id of the leaf class
+    attributes: Mapping[str, str] = field(default_factory=dict, hash=False)  # name -> value; missing: absent
 
 
 @dataclass(frozen=True)
@@ -111,27 +115,15 @@ def scan_csv(
     class), or a missing file are left out, and a file listed again is kept once; each is reported
     with its line number. A ``/`` in a label would break node ids, so it is replaced by ``_``.
     """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise SourceError(f"the CSV file '{csv_path}' does not exist")
+    csv_path = _existing(csv_path)
     if not levels:
         raise SourceError("--levels needs at least one column name")
-    root = Path(image_root) if image_root is not None else csv_path.parent
-    if not root.is_dir():
-        raise SourceError(f"the image root '{root}' is not a folder")
-    root = root.resolve()
+    root = _image_root(csv_path, image_root)
     items: list[LabelledImage] = []
     excluded: list[Excluded] = []
     kept: dict[str, tuple[int, str]] = {}  # path -> line and leaf of the row that is used
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        missing = [c for c in [path_column, *levels] if c not in columns]
-        if missing:
-            raise SourceError(
-                f"the CSV '{csv_path.name}' has no column {', '.join(repr(c) for c in missing)} "
-                f"(its columns are: {', '.join(columns) or 'none'})"
-            )
+        reader = _reader(fh, csv_path, [path_column, *levels])
         for row in reader:
             # The record's first line: a quoted line break makes a record span more than one.
             lineno = reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str))
@@ -140,8 +132,8 @@ def scan_csv(
             if not rel:
                 excluded.append(Excluded(where, f"empty '{path_column}'"))
                 continue
-            path = (root / rel).resolve()
-            if not (Path(os.path.normpath(root / rel)).is_relative_to(root) or path.is_relative_to(root)):
+            path = _inside(root, rel)
+            if path is None:
                 excluded.append(Excluded(rel, f"{where}: outside the image root '{root}' (not opened)"))
                 continue
             labels = [(row.get(c) or "").strip() for c in levels]
@@ -160,6 +152,72 @@ def scan_csv(
     if not items:
         raise SourceError(f"no usable rows in '{csv_path}'")
     return items, excluded
+
+
+def with_attributes(
+    items: list[LabelledImage],
+    csv_path: str | Path,
+    names: list[str],
+    path_column: str = "path",
+    image_root: str | Path | None = None,
+    required: bool = True,
+) -> list[LabelledImage]:
+    """``items`` with the values of the attribute columns ``names`` of a CSV, joined on the image path.
+
+    Paths resolve as in ``scan_csv``. An empty value, one with a control character, or an image
+    without a row is missing for that attribute and simply left out of its mapping; the first row
+    of a path counts. With ``required=False`` the columns the CSV lacks are skipped instead of refused.
+    """
+    check_names(names)
+    csv_path = _existing(csv_path)
+    root = _image_root(csv_path, image_root)
+    table: dict[str, dict[str, str]] = {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = _reader(fh, csv_path, [path_column, *(names if required else [])])
+        names = [n for n in names if n in (reader.fieldnames or [])]
+        for row in reader:
+            path = _inside(root, (row.get(path_column) or "").strip())
+            if path is not None and str(path) not in table:
+                values = {n: clean_value(row.get(n)) for n in names}
+                table[str(path)] = {n: v for n, v in values.items() if v}
+    return [replace(it, attributes={**it.attributes, **table.get(str(Path(it.path).resolve()), {})}) for it in items]
+
+
+def _existing(csv_path: str | Path) -> Path:
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise SourceError(f"the CSV file '{csv_path}' does not exist")
+    return csv_path
+
+
+def _image_root(csv_path: Path, image_root: str | Path | None) -> Path:
+    root = Path(image_root) if image_root is not None else csv_path.parent
+    if not root.is_dir():
+        raise SourceError(f"the image root '{root}' is not a folder")
+    return root.resolve()
+
+
+def _reader(fh, csv_path: Path, needed: list[str]) -> csv.DictReader:
+    """A reader of ``fh`` that has every ``needed`` column, or a SourceError that lists the CSV's columns."""
+    reader = csv.DictReader(fh)
+    columns = reader.fieldnames or []
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise SourceError(
+            f"the CSV '{csv_path.name}' has no column {', '.join(repr(c) for c in missing)} "
+            f"(its columns are: {', '.join(columns) or 'none'})"
+        )
+    return reader
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` resolved, or None when it leads outside ``root`` (never opened) or is empty."""
+    if not rel:
+        return None
+    path = (root / rel).resolve()
+    if Path(os.path.normpath(root / rel)).is_relative_to(root) or path.is_relative_to(root):
+        return path
+    return None
 
 
 def _label_problem(levels: list[str], labels: list[str]) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ class Image:
     leaf: str
     sha256: str
     phash: str | None = None  # 16 hex digits; None groups by content alone
+    attributes: Mapping[str, str] = field(default_factory=dict, hash=False)  # carried along, never split on
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import backbones, fsio
+from .attributes import AttributeSpec, read_specs, select
 from .config import TrainConfig
 from .features import FeaturesMode, features_precision
 from .finetune import FinetuneMode
@@ -24,26 +25,40 @@ from .runner import run_nodes
 __all__ = ["TrainError", "chosen_setting", "train_nodes"]  # what the command line imports from here
 
 
-def write_model_index(out: Path, tree: Hierarchy, config: TrainConfig, split_dir: Path) -> None:
-    fsio.write_json(out / "hierarchy.json", {
-        **tree.to_dict(), "config": config.resolved().to_dict(), "split": str(split_dir.resolve()),
-        "versions": versions(),
-    })  # fmt: skip
+def write_model_index(
+    out: Path, tree: Hierarchy, config: TrainConfig, split_dir: Path, attributes: dict[str, AttributeSpec]
+) -> None:
+    """``<out>/hierarchy.json``: the tree, the options, the split, and the attributes trained into ``out``."""
+    index = {**tree.to_dict(), "config": config.resolved().to_dict(), "split": str(split_dir.resolve()),
+             "versions": versions()}  # fmt: skip
+    if attributes:
+        index["attributes"] = {name: spec.to_dict() for name, spec in attributes.items()}
+    fsio.write_json(out / "hierarchy.json", index)
 
 
 def train_nodes(
     split_dir: str | Path,
     out: str | Path,
     config: TrainConfig,
-    nodes: Iterable[str] = (),
+    nodes: Iterable[str] | None = (),
     force: bool = False,
+    attributes: Iterable[str] | None = None,
 ) -> list[NodeResult]:
-    """Train the named parent nodes (all by default) of a prepared split into ``out``."""
+    """Train the named parent nodes and attributes of a prepared split into ``out``.
+
+    ``nodes``: empty for every parent node, None for none. ``attributes``: None for every attribute
+    the split records when every node is trained and none otherwise, or the names to train.
+    """
     split_dir, out = Path(split_dir), Path(out)
     if not (split_dir / "hierarchy.json").is_file():
         raise TrainError(f"'{split_dir}' is not a prepared split (no hierarchy.json); run `lcpn prepare` first")
     tree = Hierarchy.load(split_dir / "hierarchy.json")
-    chosen = select_nodes(tree, nodes)
+    nodes = None if nodes is None else list(nodes)
+    chosen = [] if nodes is None else select_nodes(tree, nodes)
+    known = read_specs(split_dir)
+    if attributes is None:
+        attributes = known if nodes == [] else []
+    wanted = select(known, attributes, f"the split '{split_dir}'")
     config = config.resolved()
     backbones.spec(config.backbone)
     if config.mode == "features":  # node.json records the precision used: auto and fp32 are one training key
@@ -52,5 +67,6 @@ def train_nodes(
     resume = "free some space and run the same command again: finished nodes are kept and an interrupted node resumes"
     with disk_full_as_error(out, resume):
         out.mkdir(parents=True, exist_ok=True)
-        write_model_index(out, tree, config, split_dir)
-        return run_nodes(split_dir, out, tree, chosen, config, mode, force)
+        kept = {s.name for s in wanted} | set(read_specs(out))  # those trained into ``out`` before stay listed
+        write_model_index(out, tree, config, split_dir, {n: s for n, s in known.items() if n in kept})
+        return run_nodes(split_dir, out, tree, chosen, config, mode, force, wanted)

@@ -27,6 +27,10 @@ train time embedding every image (train images twice: plain and mirrored), every
            of an epoch; Lite0 from a timed epoch on a 64-image slice of every node
 precision  the share of test images whose predicted path is the same under bf16 autocast and fp32,
            and the path accuracy under each
+attributes with labels.csv (``--csv``, or the data folder's): heads for gender, baseColour, season
+           and usage on the same split and embeddings; accuracy and macro F1 per attribute on the
+           test split and the OOD set (``attributes``), the training time they add and the
+           prediction throughput with and without them (``attributes_speed``)
 
 The finetune-mode models serve the speed measurements only: B4 starts from random weights (no
 ImageNet weights offline) and takes one step on 2 images per node; Lite0 takes one epoch on the
@@ -60,7 +64,7 @@ from lcpn.models import HeadNode
 from lcpn.nodes import NodeData
 from lcpn.prepare import prepare
 from lcpn.report import format_table
-from lcpn.sources import SourceError, scan_csv, scan_tree
+from lcpn.sources import SourceError, scan_csv, scan_tree, with_attributes
 from lcpn.train import train_nodes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +75,7 @@ BATCH = 32
 SLICE = 64  # images per node for the finetune-mode models and the epoch estimate
 CLASSIC_IMAGES = 24  # the per-image baseline is slow: time it on this many images
 CLASSIC_IMAGES_B4 = 6
+ATTRIBUTES = ["gender", "baseColour", "season", "usage"]
 
 
 def log(msg: str) -> None:
@@ -292,6 +297,58 @@ def measure_speed(split: Path, work: Path, tree: Hierarchy, models: Path, cascad
     }
 
 
+def attribute_labels(csv_file: Path | None, data: Path) -> Path | None:
+    """The CSV that holds the attribute columns: --csv, else the data folder's labels.csv (None: no attributes)."""
+    path = csv_file or data / "labels.csv"
+    return path if path.is_file() else None
+
+
+def benchmark_attributes(
+    split: Path, models: Path, config: TrainConfig, test_items: list, ood: list, ood_root: Path, speed: bool
+) -> tuple[dict, dict]:
+    """Train the attribute heads beside the trained tree, score them on the test split and the OOD set.
+
+    Returns ``attributes`` ({name: {accuracy, macro_f1, n, accuracy_ood, macro_f1_ood, n_ood}}) and
+    ``attributes_speed`` (training seconds added; throughput with and without the attributes).
+    """
+    log(f"attributes: train {', '.join(ATTRIBUTES)} heads (embedding cache warm)")
+    t0 = time.perf_counter()
+    train_nodes(split, models, config, nodes=None, attributes=ATTRIBUTES, force=True)
+    timing = {"train_seconds": time.perf_counter() - t0}
+    cascade = Cascade.load(models, "cpu")
+    test = evaluate(cascade, test_items, models / "evaluation-attributes", BATCH).metrics["attributes"]
+    ood_scores = {}
+    if ood and (ood_root / "labels.csv").is_file():
+        log("attributes: evaluate on the OOD set")
+        ood = with_attributes(ood, ood_root / "labels.csv", ATTRIBUTES, "path", ood_root)
+        ood_scores = evaluate(cascade, ood, None, BATCH).metrics["attributes"]
+    scores = {}
+    for name in ATTRIBUTES:
+        on_ood = ood_scores.get(name, {})
+        scores[name] = {"accuracy": test[name]["accuracy"], "macro_f1": test[name]["macro_f1"], "n": test[name]["n"],
+                        "accuracy_ood": on_ood.get("accuracy"), "macro_f1_ood": on_ood.get("macro_f1"),
+                        "n_ood": on_ood.get("n")}  # fmt: skip
+    if speed:
+        log("attributes: prediction throughput with and without them")
+        paths = [it.path for it in test_items]
+        without = throughput(Cascade.load(models, "cpu", attributes=False), paths, repeat=3)
+        with_them = throughput(cascade, paths, repeat=3)
+        timing.update(throughput_without_attributes=without, throughput_with_attributes=with_them,
+                      added_prediction_time=without / with_them - 1)  # fmt: skip
+    return scores, timing
+
+
+def print_attributes(bench: dict) -> None:
+    if not bench.get("attributes"):
+        return
+    print()
+    header = ["attribute", "test images", "accuracy", "macro F1", "OOD accuracy", "OOD macro F1"]
+    rows = [[name, a["n"], a["accuracy"], a["macro_f1"], a["accuracy_ood"], a["macro_f1_ood"]]
+            for name, a in bench["attributes"].items()]  # fmt: skip
+    print(format_table(rows, header))
+    print(format_table([[k, v] for k, v in bench["attributes_speed"].items()], ["attributes_speed", ""]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a labelled folder tree")
@@ -327,7 +384,10 @@ def main() -> None:
             items, excluded = scan_tree(args.data)
     except SourceError as exc:
         parser.error(str(exc))
-    prepare(items, excluded, split, str(args.data))
+    labels = attribute_labels(args.csv, args.data)
+    if labels:
+        items = with_attributes(items, labels, ATTRIBUTES, "path", args.data)
+    prepare(items, excluded, split, str(args.data), attributes=ATTRIBUTES if labels else ())
     tree = Hierarchy.load(split / "hierarchy.json")
     test_items = split_test_items(split)
     test = [(it.path, it.leaf) for it in test_items]
@@ -346,7 +406,7 @@ def main() -> None:
     embed_seconds = time.perf_counter() - t0
     log("train features mode (embedding cache warm)")
     t0 = time.perf_counter()
-    train_nodes(split, models, config, force=True)
+    train_nodes(split, models, config, force=True, attributes=[])
     features_seconds = time.perf_counter() - t0
 
     log("evaluate lcpn on the test split")
@@ -378,6 +438,11 @@ def main() -> None:
         features_all_nodes=features_seconds, embedding_all_images=embed_seconds, flat_head=flat_seconds
     )
 
+    attributes, attributes_speed = (
+        benchmark_attributes(split, models, config, test_items, ood, args.ood, not args.accuracy_only)
+        if labels
+        else (None, None)
+    )
     depth_keys = [f"level_{d}" for d in range(1, tree.max_depth + 1)]
     bench = {
         "data": str(args.csv or args.data) + (f" [{args.levels}]" if args.levels else ""),
@@ -407,6 +472,8 @@ def main() -> None:
         if ood
         else None,
         **speed,
+        "attributes": attributes,
+        "attributes_speed": attributes_speed,
         "lcpn_metrics": {k: lcpn_eval.metrics[k] for k in ("hierarchical", "mistake_severity", "path_accuracy")},
         "machine": {
             "cpu_count": torch.get_num_threads(),
@@ -436,6 +503,7 @@ def main() -> None:
         if key in bench:
             print()
             print(format_table([[k, v] for k, v in bench[key].items()], [key, title]))
+    print_attributes(bench)
     print(f"\nwall time {bench['wall_seconds']:.0f} s; wrote {args.out}")
 
 
