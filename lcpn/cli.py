@@ -275,7 +275,7 @@ def summary(models: Path) -> None:
 
 _models_option = click.option(
     "--models", default="trained_models", show_default=True, type=click.Path(path_type=Path),
-    help="A model folder written by `lcpn train`.",
+    help="A model folder written by `lcpn train` (with --runtime onnx: by `lcpn export`).",
 )  # fmt: skip
 _device_option = click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
@@ -299,6 +299,25 @@ _min_conf_option = click.option(
 )  # fmt: skip
 _batch_option = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
                              help="Images per batch.")  # fmt: skip
+_runtime_option = click.option(
+    "--runtime", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
+    help="torch: a folder written by `lcpn train`; onnx: a folder written by `lcpn export`, run with onnxruntime "
+    "on the CPU (its files are checked against their sha256 first).",
+)  # fmt: skip
+
+
+def _load_cascade(models: Path, runtime: str, device: str, precision: str):
+    """The Cascade over a trained folder (torch) or an exported one (onnxruntime): same decoding either way."""
+    from .cascade import Cascade
+
+    if runtime == "torch":
+        return Cascade.load(models, device, precision)
+    if device not in ("auto", "cpu") or precision != "as-trained":
+        raise click.UsageError("--runtime onnx runs on the CPU in the precision it was exported in; "
+                               "leave out --device and --precision.")  # fmt: skip
+    from .onnx_runtime import load_onnx_models
+
+    return Cascade(*load_onnx_models(models))
 
 
 @main.command()
@@ -317,6 +336,7 @@ _batch_option = click.option("--batch-size", default=32, show_default=True, type
 @_batch_option
 @_device_option
 @_precision_option
+@_runtime_option
 @click.option(
     "--format",
     "fmt",
@@ -325,7 +345,7 @@ _batch_option = click.option("--batch-size", default=32, show_default=True, type
     type=click.Choice(["text", "json", "csv"]),
     help="text: one line per image; json: one JSON object per line; csv: one row per image.",
 )
-def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, precision, fmt) -> None:
+def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, precision, runtime, fmt) -> None:
     """Name the class of images at every level of the tree.
 
     INPUTS are image files or folders (searched recursively). Every node model is loaded once and
@@ -333,12 +353,11 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
     and the others are still predicted. Exit code: 0 when every image was predicted, 1 when any
     failed, 2 on usage errors (among them: none of INPUTS exists).
     """
-    from .cascade import Cascade
     from .feed import collect_images
     from .output import write_predictions
 
     paths = collect_images(inputs)
-    cascade = Cascade.load(models, device, precision)
+    cascade = _load_cascade(models, runtime, device, precision)
     predictions = cascade.predict(paths, batch_size, top_k, decode, min_confidence)
     failed = write_predictions(predictions, fmt, cascade.tree.max_depth, top_k, sys.stdout)
     if failed:
@@ -370,8 +389,9 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
 @_batch_option
 @_device_option
 @_precision_option
+@_runtime_option
 def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, decode, min_confidence,
-             batch_size, device, precision) -> None:  # fmt: skip
+             batch_size, device, precision, runtime) -> None:  # fmt: skip
     """Measure the whole cascade on labelled images.
 
     DATA is a split folder from `lcpn prepare` (its end-to-end test set is used) or a labelled
@@ -383,7 +403,6 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, 
     """
     import json
 
-    from .cascade import Cascade
     from .evaluate import evaluate as run_evaluate
     from .evaluate import format_metrics, overlap_warning, split_test_items
     from .overlap import NoTrainingRecord, TrainingImages
@@ -399,7 +418,7 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, 
         items, excluded = scan_tree(data)
     if not items:
         raise click.UsageError("there are no images to evaluate on.")
-    cascade = Cascade.load(models, device, precision)
+    cascade = _load_cascade(models, runtime, device, precision)
     try:
         training = TrainingImages.of_models(models)
     except NoTrainingRecord as exc:
@@ -418,3 +437,61 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, fmt, 
     else:
         click.echo(format_metrics(metrics))
         click.echo(f"\nWrote {out / 'metrics.json'}, nodes.csv, leaves.csv and confusion-matrix plots.")
+
+
+@main.command("export")
+@click.option(
+    "--models",
+    default="trained_models",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="A model folder written by `lcpn train`.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the ONNX files, hierarchy.json and manifest.json (replaced whole once complete).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="onnx",
+    show_default=True,
+    type=click.Choice(["onnx"]),
+    help="File format of the exported models.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    help="int8: static quantisation of the convolutions (per-channel weights, activations calibrated on images): "
+    "a third of the size, but measured far from float32 on EfficientNet-Lite0 (docs/benchmarks.md).",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    help="With --quantize: a folder of images to calibrate on [default: 64 images of the split the models were "
+    "trained on].",
+)
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 20), help="ONNX opset to write.")
+def export_command(models: Path, out: Path, fmt: str, quantize: str | None, calibration: Path | None,
+                   opset: int) -> None:  # fmt: skip
+    """Export a model folder to ONNX, for runtimes without PyTorch.
+
+    Features mode becomes one graph (lcpn.onnx): the shared backbone and every node's head, one
+    output of child probabilities per node, named '/' + node id ('/' is the root). Each fine-tuned
+    node becomes nodes/<folder>.onnx. Beside them: hierarchy.json and manifest.json (the files and
+    their sha256, each node's classes and output, the input's size, mean, std and square mode).
+    Serve the folder with `lcpn predict --runtime onnx --models OUT`, or from any ONNX runtime.
+    """
+    from .export import export
+    from .feed import collect_images
+
+    if calibration is not None and quantize is None:
+        raise click.UsageError("--calibration is read only with --quantize int8.")
+    images = collect_images([calibration]) if calibration is not None else None
+    start = time.perf_counter()
+    manifest = export(models, out, quantize, opset, images)
+    for name in manifest["models"]:
+        click.echo(f"{out / name}  {(out / name).stat().st_size / 2**20:.1f} MiB")
+    click.echo(f"Exported {len(manifest['nodes'])} node(s) to {out} in {time.perf_counter() - start:.1f} s.")
