@@ -311,6 +311,8 @@ def _load_cascade(models: Path, runtime: str, device: str, precision: str):
     from .cascade import Cascade
 
     if runtime == "torch":
+        if (models / "manifest.json").is_file():
+            raise click.UsageError(f"'{models}' is an ONNX export: add --runtime onnx.")
         return Cascade.load(models, device, precision)
     if device not in ("auto", "cpu") or precision != "as-trained":
         raise click.UsageError("--runtime onnx runs on the CPU in the precision it was exported in; "
