@@ -324,7 +324,7 @@ def summary(models: Path) -> None:
 
 _models_option = click.option(
     "--models", default="trained_models", show_default=True, type=click.Path(path_type=Path),
-    help="A model folder written by `lcpn train`.",
+    help="A model folder written by `lcpn train` (with --runtime onnx: by `lcpn export`).",
 )  # fmt: skip
 _device_option = click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
@@ -348,6 +348,27 @@ _min_conf_option = click.option(
 )  # fmt: skip
 _batch_option = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
                              help="Images per batch.")  # fmt: skip
+_runtime_option = click.option(
+    "--runtime", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
+    help="torch: a folder written by `lcpn train`; onnx: a folder written by `lcpn export`, run with onnxruntime "
+    "on the CPU (its files are checked against their sha256 first).",
+)  # fmt: skip
+
+
+def _load_cascade(models: Path, runtime: str, device: str, precision: str, attributes: bool = True):
+    """The Cascade over a trained folder (torch) or an exported one (onnxruntime): same decoding either way."""
+    from .cascade import Cascade
+
+    if runtime == "torch":
+        if (models / "manifest.json").is_file():
+            raise click.UsageError(f"'{models}' is an ONNX export: add --runtime onnx.")
+        return Cascade.load(models, device, precision, attributes)
+    if device not in ("auto", "cpu") or precision != "as-trained":
+        raise click.UsageError("--runtime onnx runs on the CPU in the precision it was exported in; "
+                               "leave out --device and --precision.")  # fmt: skip
+    from .onnx_runtime import load_onnx_models
+
+    return Cascade(*load_onnx_models(models))
 
 
 @main.command()
@@ -366,6 +387,7 @@ _batch_option = click.option("--batch-size", default=32, show_default=True, type
 @_batch_option
 @_device_option
 @_precision_option
+@_runtime_option
 @click.option(
     "--format",
     "fmt",
@@ -380,7 +402,8 @@ _batch_option = click.option("--batch-size", default=32, show_default=True, type
     show_default=True,
     help="Also name the product attributes (gender, colour, ...) that the model folder has classifiers for.",
 )
-def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, precision, fmt, attributes) -> None:
+def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, precision, runtime, fmt,
+            attributes) -> None:  # fmt: skip
     """Name the class of images at every level of the tree.
 
     INPUTS are image files or folders (searched recursively). Every node model is loaded once and
@@ -388,12 +411,11 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
     and the others are still predicted. Exit code: 0 when every image was predicted, 1 when any
     failed, 2 on usage errors (among them: none of INPUTS exists).
     """
-    from .cascade import Cascade
     from .feed import collect_images
     from .output import write_predictions
 
     paths = collect_images(inputs)
-    cascade = Cascade.load(models, device, precision, attributes)
+    cascade = _load_cascade(models, runtime, device, precision, attributes)
     predictions = cascade.predict(paths, batch_size, top_k, decode, min_confidence)
     failed = write_predictions(predictions, fmt, cascade.tree.max_depth, top_k, sys.stdout, list(cascade.attributes))
     if failed:
@@ -431,8 +453,9 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
 @_batch_option
 @_device_option
 @_precision_option
+@_runtime_option
 def evaluate(data, models, csv_file, levels, path_column, image_root, out, attributes_csv, fmt, decode,
-             min_confidence, batch_size, device, precision) -> None:  # fmt: skip
+             min_confidence, batch_size, device, precision, runtime) -> None:  # fmt: skip
     """Measure the whole cascade on labelled images.
 
     DATA is a split folder from `lcpn prepare` (its end-to-end test set is used) or a labelled
@@ -446,7 +469,6 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, attri
     """
     import json
 
-    from .cascade import Cascade
     from .evaluate import evaluate as run_evaluate
     from .evaluate import format_metrics, overlap_warning, split_test_items
     from .overlap import NoTrainingRecord, TrainingImages
@@ -462,7 +484,7 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, attri
         items, excluded = scan_tree(data)
     if not items:
         raise click.UsageError("there are no images to evaluate on.")
-    cascade = Cascade.load(models, device, precision)
+    cascade = _load_cascade(models, runtime, device, precision)
     values_csv = csv_file or attributes_csv
     if cascade.attributes and values_csv is not None:
         items = with_attributes(items, values_csv, list(cascade.attributes), path_column, image_root, required=False)
@@ -484,3 +506,61 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, attri
     else:
         click.echo(format_metrics(metrics))
         click.echo(f"\nWrote {out / 'metrics.json'}, nodes.csv, leaves.csv and confusion-matrix plots.")
+
+
+@main.command("export")
+@click.option(
+    "--models",
+    default="trained_models",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="A model folder written by `lcpn train`.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the ONNX files, hierarchy.json and manifest.json (replaced whole once complete).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="onnx",
+    show_default=True,
+    type=click.Choice(["onnx"]),
+    help="File format of the exported models.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    help="int8: static quantisation of the convolutions (per-channel weights, activations calibrated on images): "
+    "a third of the size, but measured far from float32 on EfficientNet-Lite0 (docs/benchmarks.md).",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    help="With --quantize: a folder of images to calibrate on [default: 64 images of the split the models were "
+    "trained on].",
+)
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 20), help="ONNX opset to write.")
+def export_command(models: Path, out: Path, fmt: str, quantize: str | None, calibration: Path | None,
+                   opset: int) -> None:  # fmt: skip
+    """Export a model folder to ONNX, for runtimes without PyTorch.
+
+    Features mode becomes one graph (lcpn.onnx): the shared backbone and every node's head, one
+    output of child probabilities per node, named '/' + node id ('/' is the root). Each fine-tuned
+    node becomes nodes/<folder>.onnx. Beside them: hierarchy.json and manifest.json (the files and
+    their sha256, each node's classes and output, the input's size, mean, std and square mode).
+    Serve the folder with `lcpn predict --runtime onnx --models OUT`, or from any ONNX runtime.
+    """
+    from .export import export
+    from .feed import collect_images
+
+    if calibration is not None and quantize is None:
+        raise click.UsageError("--calibration is read only with --quantize int8.")
+    images = collect_images([calibration]) if calibration is not None else None
+    start = time.perf_counter()
+    manifest = export(models, out, quantize, opset, images)
+    for name in manifest["models"]:
+        click.echo(f"{out / name}  {(out / name).stat().st_size / 2**20:.1f} MiB")
+    click.echo(f"Exported {len(manifest['nodes'])} node(s) to {out} in {time.perf_counter() - start:.1f} s.")

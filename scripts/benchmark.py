@@ -31,6 +31,10 @@ attributes with labels.csv (``--csv``, or the data folder's): heads for gender, 
            and usage on the same split and embeddings; accuracy and macro F1 per attribute on the
            test split and the OOD set (``attributes``), the training time they add and the
            prediction throughput with and without them (``attributes_speed``)
+export     the features models exported to ONNX (float32, and int8 by static quantisation): the share
+           of test images whose path equals torch's, path accuracy, throughput against torch's default
+           precision (same images, same batch size) and file sizes; ``--export-only MODELS`` measures
+           just that, on a model folder that exists (its split's test images)
 
 The finetune-mode models serve the speed measurements only: B4 starts from random weights (no
 ImageNet weights offline) and takes one step on 2 images per node; Lite0 takes one epoch on the
@@ -349,6 +353,52 @@ def print_attributes(bench: dict) -> None:
     print(format_table([[k, v] for k, v in bench["attributes_speed"].items()], ["attributes_speed", ""]))
 
 
+def measure_export(models: Path, split: Path, work: Path) -> dict:
+    """ONNX float32 and int8 exports of ``models`` against torch's default precision on the split's test images."""
+    from lcpn.export import export
+    from lcpn.onnx_runtime import load_onnx_models
+
+    test_items = split_test_items(split)
+    paths, truth = [it.path for it in test_items], [it.leaf for it in test_items]
+    log("export: ONNX float32 and int8, then paths and throughput against torch")
+    folders = {"fp32": work / "export-fp32", "int8": work / "export-int8"}
+    manifests = {kind: export(models, folder, quantize=None if kind == "fp32" else kind)
+                 for kind, folder in folders.items()}  # fmt: skip
+    cascades = {"torch_default": Cascade.load(models, "cpu")}
+    cascades |= {f"onnx_{kind}": Cascade(*load_onnx_models(folder)) for kind, folder in folders.items()}
+    predicted = {name: [p.node for p in cascade.predict(paths, BATCH)] for name, cascade in cascades.items()}
+    result = {}
+    for kind in folders:
+        agreeing = sum(a == b for a, b in zip(predicted[f"onnx_{kind}"], predicted["torch_default"]))
+        result[f"agreement_{kind}"] = agreeing / len(paths)
+        result[f"path_accuracy_{kind}"] = path_accuracy(truth, predicted[f"onnx_{kind}"])
+    result["path_accuracy_torch_default"] = path_accuracy(truth, predicted["torch_default"])
+    result["throughput"] = {name: throughput(cascade, paths, repeat=3) for name, cascade in cascades.items()}
+    result["file_mib"] = {kind: {name: (folders[kind] / name).stat().st_size / 2**20 for name in m["models"]}
+                          for kind, m in manifests.items()}  # fmt: skip
+    result["n_test_images"] = len(paths)
+    result["models"] = str(models)
+    return result
+
+
+def export_only(models: Path, out: Path, work: Path) -> None:
+    """``--export-only``: the export part alone, on an existing model folder and the split it was trained on."""
+    import json
+
+    split = Path(json.loads((models / "hierarchy.json").read_text(encoding="utf-8"))["split"])
+    bench = {"export": measure_export(models, split, work), "cpu_count": torch.get_num_threads()}
+    fsio.write_json(out, bench)
+    print_export(bench["export"])
+    print(f"\nwrote {out}")
+
+
+def print_export(result: dict) -> None:
+    print(format_table([[k, v] for k, v in result.items() if not isinstance(v, dict)], ["export", ""]))
+    for key, title in (("throughput", "images/s"), ("file_mib", "MiB")):
+        print()
+        print(format_table([[k, v] for k, v in result[key].items()], [key, title]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a labelled folder tree")
@@ -363,7 +413,13 @@ def main() -> None:
                         help="skip the speed measurements (to compare training recipes quickly)")  # fmt: skip
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a features-mode training option (e.g. head=linear, stage_features=0)")  # fmt: skip
+    parser.add_argument("--export-only", type=Path, metavar="MODELS",
+                        help="measure only the ONNX export of this trained model folder, on the test images of "
+                        "the split it was trained on, and write just that to --out")  # fmt: skip
     args = parser.parse_args()
+    if args.export_only:
+        export_only(args.export_only, args.out, args.workdir)
+        return
     if args.csv and not args.levels:
         parser.error("--csv needs --levels (the label columns, top level first)")
     if not args.no_ood and not args.ood.is_dir():
@@ -434,6 +490,8 @@ def main() -> None:
     truth = [leaf for _, leaf in test]
 
     speed = {} if args.accuracy_only else measure_speed(split, work, tree, models, cascade, flat_head, test_paths)
+    if not args.accuracy_only:
+        speed["export"] = measure_export(models, split, work)
     speed.setdefault("train_seconds", {}).update(
         features_all_nodes=features_seconds, embedding_all_images=embed_seconds, flat_head=flat_seconds
     )
@@ -504,6 +562,9 @@ def main() -> None:
             print()
             print(format_table([[k, v] for k, v in bench[key].items()], [key, title]))
     print_attributes(bench)
+    if "export" in bench:
+        print()
+        print_export(bench["export"])
     print(f"\nwall time {bench['wall_seconds']:.0f} s; wrote {args.out}")
 
 

@@ -1,0 +1,235 @@
+"""``lcpn export``: a model folder as ONNX files that any ONNX runtime can serve, described by a manifest.
+
+Features-mode nodes become one graph, ``lcpn.onnx``: the shared backbone once, then every node's
+head, with one output per node (named ``/`` + node id: ``/`` is the root, ``/bags`` the node
+``bags``) holding its child probabilities. With test flips the graph embeds each picture and its
+mirror in one batch and averages the heads' probabilities, as ``models.HeadNode`` does. Other
+heads that read the same embedding (attribute heads) are more named outputs of the same graph.
+A fine-tuned node is a whole network: one file per node under ``nodes/``.
+
+Every graph takes ``image``: a float32 NCHW batch made by ``transforms.eval_transform`` from the
+data config the manifest gives for that file (size, mean, std, and how a picture becomes a
+square). Beside the files: the model folder's ``hierarchy.json`` and ``manifest.json`` (the files
+with their sha256, each node's classes and output, the lcpn version), which ``onnx_runtime``
+checks before it serves anything.
+
+``--quantize int8`` is static QDQ quantisation of the convolutions (per-channel weights, activations
+calibrated with min/max on images of the models' own split); the pooled embedding, its
+standardisation and the heads stay float32, because standardising divides by per-dimension
+spreads that are far smaller than one int8 step of the concatenated embedding. Measured on
+dataset_example's features model (EfficientNet-Lite0, AVX2 without VNNI), int8 stays far from
+float32's paths and is no faster; dynamic quantisation was worse on both counts (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, artefacts, fsio
+from .errors import LcpnError
+from .hierarchy import Hierarchy
+from .images import ImageError, open_rgb
+from .models import ConstantNode, HeadNode, NetworkNode, NodeModel, load_models
+from .transforms import DataConfig, eval_transform
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+HIERARCHY = "hierarchy.json"
+FEATURES_GRAPH = "lcpn.onnx"
+INPUT = "image"
+FORMAT = "lcpn-onnx"
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 17
+OPSETS = (13, 20)  # the range torch's ONNX exporter writes and onnxruntime runs
+QUANTIZE = ("int8",)
+CALIBRATION_IMAGES = 64  # enough for stable min/max ranges; each costs one backbone pass
+
+
+class ExportError(LcpnError):
+    """A model folder that cannot be exported as asked."""
+
+
+def output_name(node: str) -> str:
+    """The graph output that holds a node's child probabilities: ``/`` then the node id."""
+    return "/" + node
+
+
+@dataclass
+class Graph:
+    """One ONNX file to write: a module from ``image`` to the named outputs, and its input's data config."""
+
+    file: str
+    module: nn.Module
+    data: DataConfig
+    outputs: list[str] = field(default_factory=list)
+
+
+class FeaturesGraph(nn.Module):
+    """The shared backbone and every head on its embedding: ``image`` -> each head's probabilities."""
+
+    def __init__(self, embedder: nn.Module, heads: Sequence[nn.Module], test_flips: bool) -> None:
+        super().__init__()
+        self.embedder, self.heads, self.test_flips = embedder, nn.ModuleList(heads), test_flips
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.test_flips:  # the mirror images ride in the same batch: one backbone call
+            image = torch.cat([image, image.flip(3)])
+        features = self.embedder(image)
+        outputs = []
+        for head in self.heads:
+            # softmax also for ProbabilityAverage mixtures: they return log-probabilities.
+            probs = head(features).float().softmax(1)
+            if self.test_flips:
+                probs = probs.reshape(2, -1, probs.shape[1]).mean(0)
+            outputs.append(probs)
+        return tuple(outputs)
+
+
+def graphs(models: Path, tree: Hierarchy, nodes: dict[str, NodeModel]) -> list[Graph]:
+    """What to write: one graph for the features-mode heads, one per fine-tuned node."""
+    heads = {node: m for node, m in nodes.items() if isinstance(m, HeadNode)}
+    out = []
+    if heads:
+        backbone = next(iter(heads.values())).backbone
+        module = FeaturesGraph(backbone.embedder, [m.head for m in heads.values()], backbone.test_flips)
+        out.append(Graph(FEATURES_GRAPH, module, backbone.data, [output_name(n) for n in heads]))
+    for node, m in nodes.items():
+        if isinstance(m, NetworkNode):
+            data = artefacts.data_config(artefacts.read_info(models / tree.folders[node]))
+            module = nn.Sequential(m.network, nn.Softmax(1))
+            out.append(Graph(f"nodes/{tree.folders[node]}.onnx", module, data, [output_name(node)]))
+    return out
+
+
+def export(
+    models: str | Path, out: str | Path, quantize: str | None = None, opset: int = DEFAULT_OPSET,
+    calibration: Sequence[str | Path] | None = None,
+) -> dict:  # fmt: skip
+    """Write ``models`` as ONNX into ``out`` (replaced whole once complete); return the manifest.
+
+    ``calibration``: images for ``quantize="int8"``, by default some of the models' own split.
+    """
+    models, out = Path(models), Path(out)
+    if quantize not in (None, *QUANTIZE):
+        raise ExportError(f"unknown quantisation '{quantize}'; choose {', '.join(QUANTIZE)}")
+    if not OPSETS[0] <= opset <= OPSETS[1]:
+        raise ExportError(f"opset {opset} cannot be written; choose one from {OPSETS[0]} to {OPSETS[1]}")
+    if out.resolve() == models.resolve():
+        raise ExportError("--out must be another folder than --models")
+    tree, nodes = load_models(models, "cpu", "fp32")
+    to_write = graphs(models, tree, nodes)
+    if quantize and calibration is None:
+        calibration = split_images(models, CALIBRATION_IMAGES)
+    with fsio.replaced_folder(out) as tmp:
+        for graph in to_write:
+            path = tmp / graph.file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_onnx(graph, path, opset)
+            if quantize:
+                quantize_int8(path, graph.data, calibration)
+        shutil.copyfile(models / HIERARCHY, tmp / HIERARCHY)
+        manifest = make_manifest(tmp, tree, nodes, to_write, quantize, opset)
+        fsio.write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def write_onnx(graph: Graph, path: Path, opset: int) -> None:
+    module = graph.module.eval().float().to(memory_format=torch.contiguous_format)
+    for network in module.modules():
+        if hasattr(network, "set_swish"):  # the memory-efficient swish is a custom autograd op: not exportable
+            network.set_swish(memory_efficient=False)
+    size = graph.data.image_size
+    batch = {0: "batch"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on constant folding and its own deprecation
+        torch.onnx.export(
+            module, (torch.rand(2, 3, size, size),), str(path), input_names=[INPUT], output_names=graph.outputs,
+            dynamic_axes={name: batch for name in [INPUT, *graph.outputs]}, opset_version=opset, dynamo=False,
+        )  # fmt: skip
+
+
+def make_manifest(
+    folder: Path, tree: Hierarchy, nodes: dict[str, NodeModel], written: list[Graph], quantize: str | None, opset: int
+) -> dict:
+    file_of = {output: g.file for g in written for output in g.outputs}
+    described = {}
+    for node, m in nodes.items():
+        entry: dict = {"classes": list(m.classes)}
+        if isinstance(m, ConstantNode):
+            entry["constant"] = True
+        else:
+            entry.update(file=file_of[output_name(node)], output=output_name(node))
+        described[node] = entry
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lcpn_version": __version__,
+        "opset": opset,
+        "quantize": quantize,
+        "input": INPUT,
+        "input_layout": "float32 NCHW RGB: squared and resized per data.square, /255, then (x - mean) / std",
+        "files": {name: fsio.file_sha256(folder / name) for name in [HIERARCHY, *(g.file for g in written)]},
+        "models": {g.file: {"data": g.data.to_dict(), "outputs": g.outputs} for g in written},
+        "nodes": described,
+    }
+
+
+def split_images(models: Path, count: int) -> list[str]:
+    """Up to ``count`` val images (train images where a node has none) of the split the models were trained on."""
+    try:
+        split = Path(json.loads((models / HIERARCHY).read_text(encoding="utf-8"))["split"])
+        rows = fsio.read_csv(split / "images.csv")
+    except (OSError, KeyError, ValueError):
+        raise ExportError(
+            f"int8 needs calibration images and the split that '{models}' was trained on is not there; "
+            "pass --calibration DIR with some of your images"
+        ) from None
+    rows.sort(key=lambda r: r["split"] != "val")
+    step = max(1, len(rows) // (count * 4))  # spread over the classes: images.csv is sorted by leaf
+    return [r["path"] for r in rows[::step]][:count]
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over image files, one image at a time."""
+
+    def __init__(self, images: Sequence[str | Path], data: DataConfig) -> None:
+        self._batches = self._read(images, eval_transform(data))
+
+    @staticmethod
+    def _read(images: Sequence[str | Path], transform) -> Iterator[dict[str, np.ndarray]]:
+        for image in images:
+            try:
+                yield {INPUT: transform(open_rgb(image)).unsqueeze(0).numpy()}
+            except ImageError as exc:
+                log.warning("calibration image %s left out: %s", image, exc)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_int8(path: Path, data: DataConfig, images: Sequence[str | Path]) -> None:
+    """Replace the ONNX file at ``path`` by its static int8 quantisation (QDQ convolutions, per-channel weights)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not images:
+        raise ExportError("int8 needs calibration images and none were given")
+    prepared = path.with_suffix(".prepared.onnx")
+    quant_pre_process(str(path), str(prepared))
+    quantize_static(
+        str(prepared), str(path), _Calibration(images, data), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        op_types_to_quantize=["Conv"],
+    )  # fmt: skip
+    prepared.unlink()

@@ -1,0 +1,97 @@
+"""Serving an ``lcpn export`` folder with onnxruntime: node models that ``Cascade`` routes like the torch ones.
+
+The folder is checked before anything runs: every file must have the sha256 that ``manifest.json``
+records, so a file changed after export is refused. A node model answers the same question as
+``models.NetworkNode`` and ``models.HeadNode`` (the child probabilities of some rows of a
+``Batch``), so decoding, top-k and ``min_confidence`` are the ``Cascade``'s own. Each ONNX file
+runs once per image of a batch, on ``transforms.eval_transform`` pixels, and all its outputs are
+cached together: the features graph answers every node from that one run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from . import fsio
+from .artefacts import ArtefactError
+from .export import FORMAT, FORMAT_VERSION, INPUT, MANIFEST
+from .hierarchy import Hierarchy
+from .models import Batch, ConstantNode, NodeModel, read_tree
+from .transforms import DataConfig, eval_transform
+
+
+class OnnxGraph:
+    """One exported ONNX file in an onnxruntime session; ``run`` gives all its outputs side by side."""
+
+    def __init__(self, path: Path, data: DataConfig, outputs: Sequence[str]) -> None:
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.transform = eval_transform(data)
+        self.outputs = list(outputs)
+        self.key = ("onnx", str(path))
+
+    def run(self, images: Sequence[Any]) -> torch.Tensor:
+        x = np.stack([self.transform(im).numpy() for im in images])
+        return torch.from_numpy(np.concatenate(self.session.run(self.outputs, {INPUT: x}), 1))
+
+
+@dataclass
+class OnnxNode:
+    """A node's child probabilities: its columns of its graph's outputs."""
+
+    classes: list[str]
+    graph: OnnxGraph
+    columns: slice
+
+    def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
+        return batch.inputs(self.graph.key, rows, self.graph.run)[:, self.columns]
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of an exported folder, with every file it lists checked against its sha256."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        read_tree(folder)  # says what is wrong when the folder is missing or not a model folder at all
+        raise ArtefactError(f"'{folder}' is not an ONNX export (no {MANIFEST}); make one with `lcpn export`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest["format"] != FORMAT or manifest["format_version"] > FORMAT_VERSION:
+            raise ValueError(f"format {manifest['format']} {manifest['format_version']}")
+        files = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtefactError(f"'{path}' is not a manifest this lcpn can read ({exc})") from None
+    for name, sha256 in files.items():
+        if not (folder / name).is_file():
+            raise ArtefactError(f"'{folder / name}' is missing; export the models again")
+        if fsio.file_sha256(folder / name) != sha256:
+            raise ArtefactError(
+                f"'{folder / name}' is not the file that was exported (its sha256 differs from {MANIFEST}'s); "
+                "export the models again"
+            )
+    return manifest
+
+
+def load_onnx_models(folder: str | Path) -> tuple[Hierarchy, dict[str, NodeModel]]:
+    """The tree and every parent node's model from an exported folder; raises ArtefactError."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    tree = read_tree(folder)
+    described = manifest["nodes"]
+    nodes: dict[str, NodeModel] = {n: ConstantNode(d["classes"]) for n, d in described.items() if d.get("constant")}
+    by_output = {d["output"]: (n, d) for n, d in described.items() if not d.get("constant")}
+    for file, model in manifest["models"].items():
+        graph = OnnxGraph(folder / file, DataConfig.from_dict(model["data"]), model["outputs"])
+        start = 0
+        for output in model["outputs"]:
+            node, d = by_output[output]
+            nodes[node] = OnnxNode(d["classes"], graph, slice(start, start + len(d["classes"])))
+            start += len(d["classes"])
+    return tree, nodes
