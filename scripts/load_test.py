@@ -5,14 +5,15 @@ many requests with garbage uploads mixed in.
 
     python scripts/load_test.py --models trained_models --images dataset_example
         [--clients 1,8,32] [--requests 320] [--seconds 60] [--batch-size 32]
-        [--memory-requests 2000] [--garbage 0.05] [--max-batch 64] [--max-wait-ms 10] [--out load.json]
+        [--memory-requests 2000] [--memory-seconds 1200] [--garbage 0.05]
+        [--max-batch 64] [--max-wait-ms 10] [--out load.json]
 
 It starts its own `lcpn serve` on a free 127.0.0.1 port (never another host) and stops it at the
 end. Every client sends one image per request, one request after another; each level stops after
 --requests requests or --seconds seconds, whichever comes first. The batched baseline is
 `Cascade.predict` over the same images with --batch-size, files decoded in threads: what `lcpn
 predict` does once its models are loaded, measured in this process before the server starts.
-The memory phase sends --memory-requests requests from 32 clients, a --garbage share of them
+The memory phase sends --memory-requests requests (or runs --memory-seconds) from 32 clients, a --garbage share of them
 random bytes (answered 422), and samples the server process's resident memory (RSS) every 100.
 """
 
@@ -38,6 +39,7 @@ from lcpn.cascade import Cascade
 from lcpn.feed import collect_images
 
 HOST = "127.0.0.1"
+START_TIMEOUT_S = 900  # loading and warming every node on a busy 2-core machine takes minutes
 
 
 def batched_throughput(models: str, images: list[str], batch_size: int) -> float:
@@ -62,7 +64,7 @@ def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                "--device", "cpu"]  # fmt: skip
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
             log.seek(0)
@@ -74,7 +76,7 @@ def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
             pass
         time.sleep(0.5)
     server.kill()
-    raise SystemExit("the server did not start within 300 s")
+    raise SystemExit(f"the server did not start within {START_TIMEOUT_S} s")
 
 
 async def run_clients(url: str, payloads: list[tuple[str, bytes]], clients: int, requests: int, seconds: float,
@@ -139,7 +141,7 @@ def serve_and_measure(args, url: str, server: subprocess.Popen, payloads, baseli
             if done % 100 == 0:
                 rss.append((done, process.memory_info().rss))
 
-        memory = asyncio.run(run_clients(url, mixed, 32, args.memory_requests, 3600, sample))
+        memory = asyncio.run(run_clients(url, mixed, 32, args.memory_requests, args.memory_seconds, sample))
         memory["rss_mb"] = {done: round(value / 2**20, 1) for done, value in rss}
         print(json.dumps(memory), flush=True)
     finally:
@@ -157,6 +159,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60, help="most seconds per level")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the `lcpn predict` baseline")
     parser.add_argument("--memory-requests", type=int, default=2000)
+    parser.add_argument("--memory-seconds", type=float, default=1200, help="most seconds of the memory phase")
     parser.add_argument("--garbage", type=float, default=0.05, help="share of garbage uploads in the memory phase")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=10)
