@@ -564,3 +564,134 @@ def export_command(models: Path, out: Path, fmt: str, quantize: str | None, cali
     for name in manifest["models"]:
         click.echo(f"{out / name}  {(out / name).stat().st_size / 2**20:.1f} MiB")
     click.echo(f"Exported {len(manifest['nodes'])} node(s) to {out} in {time.perf_counter() - start:.1f} s.")
+
+
+@main.command()
+@_models_option
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 opens the server to the network (set a token first).",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option(
+    "--max-batch",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most images of concurrent requests routed through the cascade as one batch.",
+)
+@click.option(
+    "--max-wait-ms",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="How long the first image of a batch waits for others to join it.",
+)
+@click.option(
+    "--max-files",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most files in one request; more is refused with 413.",
+)
+@click.option(
+    "--max-file-mb",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Largest file accepted, in MB; a larger one is refused with 413.",
+)
+@_device_option
+@_precision_option
+@click.option(
+    "--token-env",
+    metavar="NAME",
+    help="Name of an environment variable holding a token: every /v1/ request must then send "
+    "'Authorization: Bearer <token>'. The page, /healthz and /docs stay open.",
+)
+def serve(models, host, port, max_batch, max_wait_ms, max_files, max_file_mb, device, precision, token_env) -> None:
+    """Serve the models over HTTP: a JSON API with dynamic batching, Grad-CAM explanations and a web page.
+
+    POST /v1/predict (multipart 'files') answers what `lcpn predict --format json` prints, one
+    object per file; POST /v1/explain (multipart 'file') adds a Grad-CAM heatmap for every stage of
+    the path; GET /v1/model describes the tree; GET / is the page; GET /docs documents the API.
+    Every node model is loaded before the server starts: a folder that cannot be served stops here.
+    """  # fmt: skip
+    import os
+
+    import uvicorn
+
+    from .serve import create_app
+    from .serve.limits import Limits
+
+    token = None
+    if token_env:
+        token = os.environ.get(token_env, "").strip()
+        if not token:
+            raise click.UsageError(f"--token-env names {token_env}, but that environment variable is not set.")
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: serving on {host} without a token (--token-env): anyone who reaches it can use it",
+                   err=True)  # fmt: skip
+    app = create_app(models, device=device, precision=precision, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                     limits=Limits(max_files, max_file_mb), token=token)  # fmt: skip
+    click.echo(f"Serving {models} on http://{host}:{port}/ (API documentation at /docs); Ctrl+C stops.", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
+@_models_option
+@click.option(
+    "--out",
+    default="explanations",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for one PNG per stage of every image and contact_sheet.png.",
+)
+@_decode_option
+@_min_conf_option
+@_device_option
+@_precision_option
+def explain(inputs, models, out, decode, min_confidence, device, precision) -> None:
+    """Show where each node looked: a Grad-CAM heatmap for every stage of every image's predicted path.
+
+    INPUTS are image files or folders (searched recursively). For the N-th image, OUT/N_<name>/
+    gets one PNG per stage (the image, the heatmap over it, the node, the chosen class and its
+    probability), and OUT/contact_sheet.png shows every image with its stages in one row. A
+    constant node (a single child) decides nothing and gets no heatmap. Exit code 1 when any image
+    could not be used.
+    """  # fmt: skip
+    from .cascade import Cascade
+    from .explain import Explainer, save_contact_sheet, save_stage_figure, stage_title
+    from .feed import collect_images, open_source
+    from .hierarchy import safe_folder_name
+    from .images import ImageError
+    from .progress import progress
+
+    paths = collect_images(inputs)
+    cascade = Cascade.load(models, device, precision)
+    explainer = Explainer(cascade, models)
+    rows, failed, bar = [], 0, progress(len(paths), "explaining")
+    for i, path in enumerate(paths):
+        image = open_source(path)
+        bar.update(1)
+        if isinstance(image, ImageError):
+            failed += 1
+            click.echo(f"{path}  ERROR: {image}")
+            continue
+        explanation = explainer.explain(image, 1, decode, min_confidence)
+        folder = out / f"{i + 1:0{len(str(len(paths)))}d}_{safe_folder_name(Path(path).stem)}"
+        for level, stage in enumerate(explanation.stages, 1):
+            save_stage_figure(folder / f"stage{level}_{safe_folder_name(stage.chosen)}.png", image, stage)
+        rows.append((path, image, explanation.stages))
+        notes = [stage_title(s) + (f" [{s.note}]" if s.note else "") for s in explanation.stages]
+        click.echo(f"{path}  " + "; ".join(notes) + f"  -> {folder}")
+    bar.close()
+    if rows:
+        save_contact_sheet(out / "contact_sheet.png", rows)
+        click.echo(f"Wrote {out / 'contact_sheet.png'}.")
+    if failed:
+        click.echo(f"{failed} of {len(paths)} image(s) could not be explained.", err=True)
+        sys.exit(1)

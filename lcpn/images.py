@@ -32,6 +32,10 @@ class ImageError(Exception):
     """A file that cannot be used as an image; the message says why in a few words."""
 
 
+class ImageTooLarge(ImageError):
+    """An image with more pixels than anyone should decode (a decompression bomb)."""
+
+
 def is_hidden(path: Path) -> bool:
     """Hidden files and AppleDouble files (``.DS_Store``, ``._x.jpg``) are skipped silently."""
     return path.name.startswith(".") or path.name in IGNORED_NAMES
@@ -57,7 +61,7 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
-                raise ImageError(f"decompression bomb ({w}x{h} pixels, limit {MAX_PIXELS})")
+                raise ImageTooLarge(f"decompression bomb ({w}x{h} pixels, limit {MAX_PIXELS})")
             im.load()
             if im.format == "JPEG" and _jpeg_cut_short(data):
                 raise ImageError("truncated image")
@@ -67,7 +71,7 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError("not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError("decompression bomb (too many pixels)") from None
+        raise ImageTooLarge("decompression bomb (too many pixels)") from None
     except OSError as exc:
         text = str(exc)
         reason = "truncated image" if "truncated" in text.lower() else f"undecodable image ({text})"

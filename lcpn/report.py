@@ -80,7 +80,8 @@ def performance_text(path: Path, node_title: str, o: Outcome) -> dict:
     }
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """A figure as a PNG file (atomic), then closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -99,7 +100,7 @@ def confusion_plot(path: Path, title: str, o: Outcome) -> None:
     else:
         ax.text(0.5, 0.5, "no images to evaluate", ha="center")
     ax.set_title(f"{title}: confusion matrix ({o.evaluated_on})")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def class_plot(path: Path, title: str, classes: list[str], counts: dict[str, list[int]]) -> None:
@@ -120,7 +121,7 @@ def class_plot(path: Path, title: str, classes: list[str], counts: dict[str, lis
     ax.set_ylabel("images")
     ax.set_title(f"{title}: class distribution")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def error_plot(path: Path, title: str, history: list[dict]) -> None:
@@ -151,7 +152,7 @@ def error_plot(path: Path, title: str, history: list[dict]) -> None:
         "regularisation path (dashed line: chosen C)" if by_c else "training curves (dashed line: best epoch, restored)"
     )
     fig.suptitle(f"{title}: {what}")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def wrong_plot(path: Path, title: str, o: Outcome, limit: int = MAX_WRONG) -> None:
@@ -176,7 +177,7 @@ def wrong_plot(path: Path, title: str, o: Outcome, limit: int = MAX_WRONG) -> No
             fontsize=8, color="firebrick",
         )  # fmt: skip
     fig.suptitle(f"{title}: misclassified {o.evaluated_on} images ({len(wrong)} shown)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
