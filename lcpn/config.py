@@ -115,8 +115,7 @@ OPTIONS: dict[str, Option] = {
     "mode": Option(click.Choice(MODES), "finetune: fine-tune a whole network per node (GPU territory); features: one "
                    "frozen shared backbone, cached embeddings, a small head per node (seconds on a CPU)."),
     "backbone": Option(click.STRING, "Network: efficientnet-b0 ... efficientnet-b7, or efficientnet-lite0/1/2 "
-                       "(their pretrained weights ship with their packages) [default: efficientnet-b4 in finetune "
-                       "mode, efficientnet-lite2 in features mode]."),
+                       "(their pretrained weights ship with their packages)."),
     "pretrained": Option(click.BOOL, "Start from ImageNet weights, or train from scratch (finetune mode; "
                          "features mode needs them).", flag="--pretrained/--no-pretrained"),
     "weights": Option(click.Path(dir_okay=False), "A local ImageNet checkpoint for the backbone (instead of the "
@@ -175,7 +174,7 @@ _WHO_READS = {"finetune": "finetune mode", "features": "features mode", "mlp hea
 def default_text(name: str) -> str:
     """The default of an option as shown in its help."""
     if name in MODE_DEFAULTS["finetune"]:
-        return " [default: " + ", ".join(f"{d[name]:g} in {m} mode" for m, d in MODE_DEFAULTS.items()) + "]"
+        return " [default: " + ", ".join(f"{d[name]} in {m} mode" for m, d in MODE_DEFAULTS.items()) + "]"
     default = getattr(TrainConfig(), name)
     return "" if default is None else f" [default: {default}]"  # None: the help says what happens
 
