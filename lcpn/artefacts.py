@@ -90,6 +90,7 @@ class NodeInfo:
     backbone: str = ""
     data: dict = field(default_factory=dict)  # DataConfig as a dict
     head: dict = field(default_factory=dict)  # features mode: {"type": "linear"|"mlp", "hidden": n}
+    finetune: dict = field(default_factory=dict)  # finetune mode: the probe it started from, the WiSE-FT mix kept
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     data_hash: str = ""

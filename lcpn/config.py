@@ -31,6 +31,7 @@ MODES = ("finetune", "features")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp32")
 HEADS = ("linear", "mlp", "ensemble")
+INIT_HEADS = ("probe", "random")
 MLP_HEADS = ("mlp", "ensemble")
 # What each mode takes when --backbone / --lr / weight_decay are not given. A whole network is
 # fine-tuned with small steps; a head on fixed embeddings takes larger ones and stronger decay.
@@ -62,6 +63,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     patience: int = 3  # finetune: epochs without a better val accuracy before stopping
     augment: bool = True  # finetune: random crops, flips and colour jitter on train images
+    init_head: str = "probe"  # finetune: "probe" starts from the node's linear probe (LP-FT); "random"
+    wise_ft: bool = True  # finetune: keep the mix of the start and fine-tuned weights that scores best on val
     device: str = "auto"
     workers: int = 2  # finetune: image-decoding worker processes
     seed: int = 0
@@ -138,6 +141,13 @@ OPTIONS: dict[str, Option] = {
                        "better val accuracy.", FINETUNE),
     "augment": Option(click.BOOL, "finetune mode: random crops, flips and colour jitter on train images.",
                       FINETUNE, flag="--augment/--no-augment"),
+    "init_head": Option(click.Choice(INIT_HEADS), "finetune mode: the classification layer fine-tuning starts "
+                        "from: probe fits a logistic regression on the pretrained network's features first "
+                        "(LP-FT, Kumar et al. 2022: the pretrained features are distorted less); random.",
+                        FINETUNE),
+    "wise_ft": Option(click.BOOL, "finetune mode: after fine-tuning, try mixes (1 - a) * start + a * fine-tuned "
+                      "of the weights for a in 0, 0.25, 0.5, 0.75, 1 and keep the best on val (WiSE-FT, "
+                      "Wortsman et al. 2022).", FINETUNE, flag="--wise-ft/--no-wise-ft"),
     "device": Option(click.Choice(DEVICES), "Where to train; auto picks CUDA, then MPS, then the CPU."),
     "workers": Option(click.IntRange(min=0), "finetune mode: image-decoding worker processes.", FINETUNE),
     "seed": Option(click.INT, "Random seed."),

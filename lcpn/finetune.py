@@ -1,16 +1,32 @@
 """Finetune mode: fit a whole network per parent node, resumably.
 
-Recipe: AdamW with a linear warm-up then cosine decay (per step), label smoothing, augmentation,
-class-weighted cross-entropy against imbalance (``recipe.class_weights``), early stopping on
-validation accuracy with the best weights restored, channels_last, and ``--precision``: auto is
-mixed precision on CUDA (bf16 where the GPU supports it, else fp16 with loss scaling) and fp32
-elsewhere; fp32 turns it off; bf16 is bf16 autocast on any device.
+Recipe: AdamW with a linear warm-up then cosine decay (per step), label smoothing, augmentation
+that starts from the eval square (``transforms.train_transform``), class-weighted cross-entropy
+against imbalance (``recipe.class_weights``), early stopping on validation accuracy with the best
+weights restored, channels_last, and ``--precision``: auto is mixed precision on CUDA (bf16 where
+the GPU supports it, else fp16 with loss scaling) and fp32 elsewhere; fp32 turns it off; bf16 is
+bf16 autocast on any device.
+
+Two recipes keep the pretrained features that make a network hold on new photos:
+
+- LP-FT (``--init-head probe``; Kumar et al., ICLR 2022): the classification layer starts as the
+  node's linear probe, a logistic regression on the pretrained network's pooled final features
+  (``features.fit_head``, L2 strength chosen on val, not refit on val), so the first steps do not
+  push a random layer's large gradients into the backbone.
+- WiSE-FT (``--wise-ft``; Wortsman et al., CVPR 2022): after fine-tuning, the weights
+  ``(1 - a) * start + a * fine-tuned`` (BatchNorm statistics included) are scored on val for every
+  ``a`` in ``WISE_ALPHAS``; the best accuracy wins (ties: the lower val loss, then the smaller ``a``).
+  ``start`` is the pretrained network with the layer it started from.
+
+node.json's ``finetune`` records the probe's figures and every mix's val accuracy and loss.
 
 Resume: after every epoch a checkpoint is written atomically into the node's folder: model,
 optimizer, scheduler, loss scaler, history, best weights, and every random state (Python, NumPy,
 torch CPU and CUDA, and the generator that shuffles the batches and seeds the loader's workers).
 A killed run started again continues after the last finished epoch exactly as if it had never
-stopped: on a CPU its final weights equal an uninterrupted run's bit for bit.
+stopped: on a CPU its final weights equal an uninterrupted run's bit for bit. The probe's layer
+is in the checkpoint too, and the pretrained weights are read again, so WiSE-FT's start is the
+same after a kill.
 """
 
 from __future__ import annotations
@@ -29,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import backbones, fsio
+from . import backbones, features, fsio
 from .artefacts import NodeInfo
 from .config import TrainConfig
 from .devices import resolve_device, training_note
@@ -38,9 +54,11 @@ from .nodes import NodeData, TrainError, finish_node
 from .recipe import class_weights, data_config_for, seed_everything, warmup_cosine
 from .report import Outcome
 from .runner import NodeFolder
-from .transforms import eval_transform, inv_normalize, train_transform
+from .transforms import DataConfig, eval_transform, inv_normalize, train_transform
 
 log = logging.getLogger(__name__)
+
+WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT: the share of the fine-tuned weights in each mix tried
 
 
 class FinetuneMode:
@@ -122,6 +140,8 @@ class Progress:
     best: list[float] | None = None  # (val accuracy, -val loss) of the best epoch
     best_state: dict | None = None  # its weights, on the CPU
     bad_epochs: int = 0  # epochs since the best one
+    start_head: dict | None = None  # LP-FT: the probe's classification layer, on the CPU
+    probe: dict | None = None  # LP-FT: the probe's L2 strength and val figures
 
 
 @dataclass
@@ -229,6 +249,57 @@ def _run_epoch(model, loader, device, amp: MixedPrecision, loss_fn, optimizer=No
     return {"loss": total_loss / seen, "acc": correct / seen, "indices": indices, "preds": preds, "confs": confs}
 
 
+def fit_probe(
+    model: nn.Module, data: NodeData, dcfg: DataConfig, config: TrainConfig, device: torch.device, amp: MixedPrecision
+) -> tuple[dict, dict]:
+    """LP-FT's first step: a logistic regression on ``model``'s pooled final features of the node's
+    images, folded into the network's ``_fc`` layer. Returns that layer's state and the probe's figures.
+
+    The features are the ones ``_fc`` reads (the pooled output of the last convolution), from the
+    eval transform; the probe is ``features.fit_head``'s linear head, its L2 strength chosen on val
+    and not refit on val, which stays the honest yardstick for early stopping and WiSE-FT.
+    """
+    embedder = backbones.Embedder(model).eval()
+    rows = data.train + data.val
+    # its own generator: the training batches are shuffled as they would be without the probe
+    loader = _loader(rows, eval_transform(dcfg), config, False, device, torch.Generator().manual_seed(config.seed))
+    feats = {}
+    with torch.inference_mode(), amp.autocast():
+        for batch in tqdm(loader, desc=f"{data.title} probe features", unit="batch", leave=False, disable=None):
+            if batch is None:
+                continue
+            x, _, idx = batch
+            out = embedder(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
+            feats.update((rows[i][0], f[None]) for i, f in zip(idx.tolist(), out))
+    stub = NodeInfo(node=data.node, classes=data.classes, mode="features",
+                    head={"type": "linear", "in_features": embedder.dim})  # fmt: skip
+    head, _, history = features.fit_head(data, feats, stub, config.replace(refit=False))
+    standardize, linear = head[0], head[1][-1]
+    # linear((x - mean) / std) as one layer on x
+    weight = (linear.weight / standardize.std).detach()
+    bias = (linear.bias - weight @ standardize.mean).detach()
+    best = next(h for h in history if h["best"])
+    return {"_fc.weight": weight, "_fc.bias": bias}, {k: best[k] for k in ("C", "val_acc", "val_loss")}
+
+
+def mix_weights(start: dict, finetuned: dict, alpha: float) -> dict:
+    """WiSE-FT's ``(1 - alpha) * start + alpha * finetuned`` of every float tensor (BatchNorm's running
+    statistics too); integer counters come from ``finetuned``. ``lerp`` gives either end exactly."""
+    return {k: torch.lerp(start[k], v, alpha) if v.is_floating_point() else v for k, v in finetuned.items()}
+
+
+def _wise_ft(model, start: dict, finetuned: dict, evaluate: Callable[[float], dict]) -> tuple[float, dict, list]:
+    """Score every mix of ``WISE_ALPHAS`` with ``evaluate``; return the best alpha, its result and the figures."""
+    best, figures = None, []
+    for alpha in WISE_ALPHAS:
+        model.load_state_dict(mix_weights(start, finetuned, alpha))
+        ev = evaluate(alpha)
+        figures.append({"alpha": alpha, "val_acc": ev["acc"], "val_loss": ev["loss"]})
+        if best is None or (ev["acc"], -ev["loss"]) > (best[1]["acc"], -best[1]["loss"]):
+            best = (alpha, ev)
+    return best[0], best[1], figures
+
+
 def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: torch.device) -> NodeInfo:
     """Train one node, resuming from its checkpoint if one fits; finish it in ``folder.staging``."""
     seed_everything(config.seed)
@@ -237,6 +308,8 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
         model = backbones.create(config.backbone, len(data.classes), config.pretrained, config.weights)
     except backbones.WeightsError as exc:
         raise TrainError(str(exc)) from None
+    # WiSE-FT's start, less the probe's layer (restored from the checkpoint on resume)
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.wise_ft else {}
     model = model.to(device, memory_format=torch.channels_last)
     amp = MixedPrecision(config.precision, device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -258,6 +331,12 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
     key = {"data_hash": data.data_hash, "training_key": config.training_key()}
     if run.restore(folder.checkpoint, key):
         tqdm.write(f"{data.title}: resuming after epoch {run.progress.epoch}")
+    elif config.init_head == "probe":
+        head, run.progress.probe = fit_probe(model, data, dcfg, config, device, amp)
+        run.progress.start_head = {k: v.cpu() for k, v in head.items()}
+        model.load_state_dict(head, strict=False)
+        tqdm.write(f"{data.title}: starting from a linear probe (C={run.progress.probe['C']}, "
+                   f"val accuracy {run.progress.probe['val_acc']:.3f})")  # fmt: skip
 
     p = run.progress
     for epoch in range(p.epoch + 1, config.epochs + 1):
@@ -286,14 +365,28 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
         )
         run.save(folder.checkpoint, key)
 
-    model.load_state_dict(p.best_state)
-    final = _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} final eval")
+    recipe = {"init_head": config.init_head, **({"probe": p.probe} if p.probe else {})}
+    saved, note = p.best_state, ""
+    if config.wise_ft:
+        start = {**pretrained, **(p.start_head or {})}
+        alpha, final, figures = _wise_ft(
+            model, start, p.best_state,
+            lambda a: _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} WiSE-FT {a:g}"),
+        )  # fmt: skip
+        saved = mix_weights(start, p.best_state, alpha)
+        recipe["wise_ft"] = {"alpha": alpha, "mixes": figures}
+        tried = ", ".join(f"{f['alpha']:g}: {f['val_acc']:.4f}" for f in figures)
+        note = f"WiSE-FT kept {alpha:g} x fine-tuned + {1 - alpha:g} x start weights ({evaluated_on} accuracy {tried})"
+        tqdm.write(f"{data.title}: {note}")
+    else:
+        model.load_state_dict(p.best_state)
+        final = _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} final eval")
     seen = final["indices"]  # the val loader is not shuffled: rows in order, unreadable ones skipped
     outcome = Outcome(
         classes=data.classes, paths=[val_rows[i][0] for i in seen], y_true=[val_rows[i][1] for i in seen],
-        y_pred=final["preds"], confidence=final["confs"], evaluated_on=evaluated_on,
+        y_pred=final["preds"], confidence=final["confs"], evaluated_on=evaluated_on, note=note,
     )  # fmt: skip
     return finish_node(
-        folder.staging, data, config, {"data": dcfg.to_dict()},
-        p.best_state, outcome, p.history, eval_transform(dcfg), inv_normalize(dcfg),
+        folder.staging, data, config, {"data": dcfg.to_dict(), "finetune": recipe},
+        saved, outcome, p.history, eval_transform(dcfg), inv_normalize(dcfg),
     )  # fmt: skip

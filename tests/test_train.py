@@ -282,6 +282,8 @@ class Killed(Exception):
 
 
 def test_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(split, tmp_path, monkeypatch):
+    # LP-FT and WiSE-FT on; the saved half-and-half mix needs both the probe and the fine-tuned weights
+    monkeypatch.setattr(finetune, "WISE_ALPHAS", (0.5,))
     config = LITE.replace(epochs=2, patience=5)
     train_nodes(split, tmp_path / "whole", config, nodes=["b"])
 
@@ -290,7 +292,7 @@ def test_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(split, tmp_pa
 
     def killed_in_epoch_2(self, i):
         calls.append(i)
-        if len(calls) > n_images + 3:  # epoch 1 (train and val) done, a few images into epoch 2
+        if len(calls) > 2 * n_images + 3:  # the probe's pass and epoch 1 (train and val) done, a few images more
             raise Killed
         return real_getitem(self, i)
 
@@ -306,6 +308,8 @@ def test_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(split, tmp_pa
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     losses = [[h["train_loss"] for h in artefacts.read_info(tmp_path / m / "b").history] for m in ("whole", "resumed")]
     assert losses[0] == losses[1] and len(losses[0]) == 2
+    records = [artefacts.read_info(tmp_path / m / "b").finetune for m in ("whole", "resumed")]
+    assert records[0] == records[1] and records[0]["probe"]  # the probe came back from the checkpoint
 
 
 def test_resume_reads_the_checkpoint_on_the_cpu_whatever_the_device(tmp_path):
@@ -374,7 +378,7 @@ def test_early_stopping_restores_the_best_weights(split, tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(finetune, "_run_epoch", scripted)
-    train_nodes(split, tmp_path, LITE.replace(epochs=10, patience=1), nodes=["b"])
+    train_nodes(split, tmp_path, LITE.replace(epochs=10, patience=1, wise_ft=False), nodes=["b"])
     info = artefacts.read_info(tmp_path / "b")
     assert [(h["epoch"], h["best"]) for h in info.history] == [(1, True), (2, True), (3, False)]
     saved = torch.load(tmp_path / "b" / "model.pth", weights_only=True)

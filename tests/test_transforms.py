@@ -90,3 +90,34 @@ def test_folders_without_a_square_mode_squash_and_unknown_modes_are_refused():
     assert DataConfig.from_dict({"image_size": 8, "mean": [0] * 3, "std": [1] * 3}).square == "squash"
     with pytest.raises(ValueError, match="unknown square mode 'stretch'"):
         DataConfig(8, (0.0,) * 3, (1.0,) * 3, "stretch")
+
+
+def bands(width: int = 60, height: int = 20) -> Image.Image:
+    """A wide picture: red, green and blue thirds."""
+    arr = np.zeros((height, width, 3), dtype=np.uint8)
+    for i in range(3):
+        arr[:, i * width // 3 : (i + 1) * width // 3, i] = 255
+    return Image.fromarray(arr)
+
+
+def test_training_views_are_crops_of_the_eval_square_that_keep_the_whole_picture():
+    """Squashed, each band is a third of the eval square; every training view shows all three bands
+    at about that width (a crop of the raw 3:1 picture, as before, could never hold all three)."""
+    cfg = DataConfig(30, (0.0,) * 3, (1.0,) * 3, "squash")
+    eval_shares = torch.bincount(eval_transform(cfg)(bands()).mean(1).argmax(0), minlength=3) / 30
+    assert torch.allclose(eval_shares, torch.full((3,), 1 / 3), atol=0.04)
+    torch.manual_seed(0)
+    augment = train_transform(cfg)
+    for _ in range(20):
+        shares = torch.bincount(augment(bands()).mean(1).argmax(0), minlength=3) / 30  # dominant colour per column
+        assert shares.min() > 0.15 and shares.max() < 0.45
+
+
+def test_a_letterboxed_model_trains_on_padded_squares():
+    cfg = DataConfig(30, (0.0,) * 3, (1.0,) * 3, "letterbox")
+    tall = Image.new("RGB", (20, 60), (0, 0, 0))  # padded with white thirds on either side
+    torch.manual_seed(0)
+    augment = train_transform(cfg)
+    for _ in range(20):
+        x = augment(tall)
+        assert x[:, :, 0].min() > 0.7 and x[:, :, -1].min() > 0.7 and x[:, :, 15].max() < 0.3
