@@ -147,7 +147,10 @@ def export(
 def write_onnx(graph: Graph, path: Path, opset: int) -> None:
     module = graph.module.eval().float().to(memory_format=torch.contiguous_format)
     for network in module.modules():
-        if hasattr(network, "set_swish"):  # the memory-efficient swish is a custom autograd op: not exportable
+        # efficientnet-pytorch's memory-efficient swish is a custom autograd op that cannot be exported, and
+        # set_swish(memory_efficient=False) swaps in the plain one; Lite networks hold ReLU6 there, which
+        # set_swish would replace by swish, so only networks that hold the memory-efficient one are switched.
+        if type(getattr(network, "_swish", None)).__name__ == "MemoryEfficientSwish":
             network.set_swish(memory_efficient=False)
     size = graph.data.image_size
     batch = {0: "batch"}

@@ -165,3 +165,18 @@ def test_the_plain_python_example_finds_lcpns_best_path(featured, test_images, t
         example["predict"](tmp_path / "onnx", test_images), lcpn_paths
     ):
         assert path == expected and probability == pytest.approx(expected_probability, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-b0", "efficientnet-lite0"])
+def test_both_efficientnet_packages_export_the_network_they_run(name, tmp_path):
+    """B0-B7 need their memory-efficient swish swapped for the plain one; Lite's ReLU6 must stay ReLU6."""
+    from lcpn import backbones
+    from lcpn.export import Graph, write_onnx
+
+    module = torch.nn.Sequential(backbones.build(name, 3), torch.nn.Softmax(1)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = module(x)
+    write_onnx(Graph("n.onnx", module, DataConfig(32, (0.5,) * 3, (0.5,) * 3), ["/"]), tmp_path / "n.onnx", 17)
+    (probs,) = ort.InferenceSession(str(tmp_path / "n.onnx")).run(None, {"image": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(probs), expected, atol=1e-5, rtol=0)
