@@ -534,7 +534,7 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, attri
     "--quantize",
     type=click.Choice(["int8"]),
     help="int8: static quantisation of the convolutions (per-channel weights, activations calibrated on images): "
-    "a third of the size, but measured far from float32 on EfficientNet-Lite0 (docs/benchmarks.md).",
+    "smaller and faster, but its paths differ from float32's on a fifth of the images measured (docs/benchmarks.md).",
 )
 @click.option(
     "--calibration",

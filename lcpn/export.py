@@ -15,10 +15,9 @@ checks before it serves anything.
 
 ``--quantize int8`` is static QDQ quantisation of the convolutions (per-channel weights, activations
 calibrated with min/max on images of the models' own split); the pooled embedding, its
-standardisation and the heads stay float32, because standardising divides by per-dimension
-spreads that are far smaller than one int8 step of the concatenated embedding. Measured on
-dataset_example's features model (EfficientNet-Lite0, AVX2 without VNNI), int8 stays far from
-float32's paths and is no faster; dynamic quantisation was worse on both counts (docs/benchmarks.md).
+standardisation and the heads, a small share of the work, stay float32. It costs accuracy: on
+dataset_example's features model (EfficientNet-Lite0) 78% of the test paths equal float32's
+(docs/benchmarks.md), so the float32 export is the one to serve.
 """
 
 from __future__ import annotations
