@@ -73,8 +73,8 @@ def test_wise_ft_mixes_end_exactly_at_the_start_and_the_fine_tuned_weights():
 
 
 def test_wise_ft_saves_the_mix_with_the_best_val_accuracy_and_records_every_mix(split, node_b, tmp_path):
-    train_nodes(split, tmp_path / "tuned", LITE.replace(wise_ft=False), nodes=["b"])
-    train_nodes(split, tmp_path / "wise", LITE, nodes=["b"])
+    train_nodes(split, tmp_path / "tuned", LITE.replace(init_head="probe"), nodes=["b"])
+    train_nodes(split, tmp_path / "wise", LITE.replace(init_head="probe", wise_ft=True), nodes=["b"])
     tuned = torch.load(tmp_path / "tuned" / "b" / "model.pth", weights_only=True)
     start = pretrained_with_probe(node_b)[0].state_dict()
 
@@ -90,7 +90,7 @@ def test_wise_ft_saves_the_mix_with_the_best_val_accuracy_and_records_every_mix(
     assert "wise_ft" not in artefacts.read_info(tmp_path / "tuned" / "b").finetune
 
 
-def test_the_old_recipe_stays_available_from_the_command_line(split, tmp_path):
+def test_lp_ft_and_wise_ft_are_flags_and_off_by_default(split, tmp_path):
     out = tmp_path / "m"
     result = CliRunner().invoke(main, ["train", "--data", str(split), "--out", str(out), "--node", "b",
                                        "--backbone", "efficientnet-lite0", "--epochs", "1", "--init-head", "random",
@@ -100,3 +100,4 @@ def test_the_old_recipe_stays_available_from_the_command_line(split, tmp_path):
     assert info.finetune == {"init_head": "random"}
     assert (info.config["init_head"], info.config["wise_ft"]) == ("random", False)
     assert "linear probe" not in result.output and "WiSE-FT" not in (out / "b" / "performance.txt").read_text()
+    assert (TrainConfig().init_head, TrainConfig().wise_ft) == ("random", False)

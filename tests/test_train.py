@@ -284,7 +284,7 @@ class Killed(Exception):
 def test_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(split, tmp_path, monkeypatch):
     # LP-FT and WiSE-FT on; the saved half-and-half mix needs both the probe and the fine-tuned weights
     monkeypatch.setattr(finetune, "WISE_ALPHAS", (0.5,))
-    config = LITE.replace(epochs=2, patience=5)
+    config = LITE.replace(epochs=2, patience=5, init_head="probe", wise_ft=True)
     train_nodes(split, tmp_path / "whole", config, nodes=["b"])
 
     real_getitem, calls = finetune.ImageDataset.__getitem__, []
