@@ -36,6 +36,7 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+from benchmark import DEFAULT_OOD, ood_items  # scripts/ is on the path when a script runs
 
 from lcpn import fsio
 from lcpn.artefacts import NodeInfo
@@ -47,10 +48,7 @@ from lcpn.features import embed_images, fit_head, head_spec, open_backbone
 from lcpn.hierarchy import Hierarchy
 from lcpn.nodes import load_node_data
 from lcpn.report import format_table
-from lcpn.sources import scan_csv, scan_tree
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OOD = REPO.parent / "shared" / "data" / "fashion-products-ood-dev"
 EMBED_STAGES = 2  # embed once with the default stage features; fewer are the embedding's last dimensions
 SCRIPT_KEYS = ("temperature",)
 TEMPERATURES = np.arange(0.5, 3.01, 0.1)
@@ -84,8 +82,7 @@ def evaluation_items(split: Path, ood: Path | None, levels: str | None, tree: Hi
     """{"test": [(path, leaf)], "ood": [(path, leaf)]}: the split's test images and the OOD set's known leaves."""
     sets = {"test": [(it.path, it.leaf) for it in split_test_items(split)]}
     if ood:
-        items, _ = scan_csv(ood / "labels.csv", levels.split(","), "path", ood) if levels else scan_tree(ood)
-        sets["ood"] = [(it.path, it.leaf) for it in items if it.leaf in set(tree.leaves)]
+        sets["ood"] = [(it.path, it.leaf) for it in ood_items(ood, levels, tree)]
     return sets
 
 
