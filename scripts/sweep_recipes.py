@@ -186,6 +186,10 @@ def main() -> None:
         recipes = [parse_recipe(r) for r in args.recipe]
     except (ValueError, click.BadParameter) as exc:
         parser.error(str(exc))
+    if not (args.split / "hierarchy.json").is_file():
+        parser.error(f"'{args.split}' is not a prepared split (no hierarchy.json); run `lcpn prepare` first")
+    if not args.no_ood and not args.ood.is_dir():
+        parser.error(f"the OOD folder '{args.ood}' does not exist (give --ood DIR or --no-ood)")
     tree = Hierarchy.load(args.split / "hierarchy.json")
     sets = evaluation_items(args.split, None if args.no_ood else args.ood, args.levels, tree)
     store, rows = {}, []
