@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,9 @@ log = logging.getLogger(__name__)
 SHARD_IMAGES = 1024  # images per shard of the embedding store: a killed run loses at most this many
 MLP_HIDDEN = 256  # as accurate as 512 on the catalogue benchmark, and faster to train
 MLP_BATCH = 128  # 256 was slower per epoch on a 2-core CPU (docs/benchmarks.md)
-# How _view makes each view; part of the embedding key, so change it with _view.
+# How _view makes each view; part of the embedding key, so change it with _view. The train transform's
+# own description is in the row ids of the views it makes (``_row_id``): changing the augmentation
+# recomputes those views only, not a whole store of plain and mirrored views.
 VIEW_RECIPE = "0: eval transform; 1: mirror, eval transform; n >= 2: train transform seeded by sha256[:8] + n"
 
 
@@ -73,8 +77,14 @@ def _view(image: Image.Image, view: int, sha: str, backbone: SharedBackbone) -> 
     return train_transform(backbone.data)(image)
 
 
-def _row_id(sha: str, view: int) -> str:
-    return f"{sha}:{view}"
+def _row_id(sha: str, view: int, augmentation: str) -> str:
+    """A view's id in the store; an augmented view's names the train transform (``augmentation_id``) too."""
+    return f"{sha}:{view}" if view < 2 else f"{sha}:{view}:{augmentation}"
+
+
+def augmentation_id(backbone: SharedBackbone) -> str:
+    """A digest of the train transform that makes views 2 and up."""
+    return hashlib.sha256(repr(train_transform(backbone.data)).encode()).hexdigest()[:12]
 
 
 def embed_images(
@@ -90,19 +100,20 @@ def embed_images(
     New embeddings go to the store a shard at a time, so a killed run resumes where it stopped.
     """
     count = (lambda p: views.get(p, 1)) if isinstance(views, Mapping) else (lambda p: views)
+    row_id = functools.partial(_row_id, augmentation=augmentation_id(backbone))
     shas = _hash_files(paths)
     wanted_views: dict[str, int] = {}  # per content: identical files share their embeddings
     for p, s in shas.items():
         wanted_views[s] = max(wanted_views.get(s, 0), count(p))
     todo = sorted({s: p for p, s in shas.items()
-                   if any(_row_id(s, v) not in store for v in range(wanted_views[s]))}.items())  # fmt: skip
+                   if any(row_id(s, v) not in store for v in range(wanted_views[s]))}.items())  # fmt: skip
     if todo:
         log.info("embedding %d images (%d stored)", len(todo), len(paths) - len(todo))
-        _embed_missing(todo, wanted_views, backbone, store, batch_size)
+        _embed_missing(todo, wanted_views, backbone, store, batch_size, row_id)
     return {
-        p: torch.from_numpy(np.stack([store[_row_id(s, v)] for v in range(count(p))]))
+        p: torch.from_numpy(np.stack([store[row_id(s, v)] for v in range(count(p))]))
         for p, s in shas.items()
-        if all(_row_id(s, v) in store for v in range(count(p)))
+        if all(row_id(s, v) in store for v in range(count(p)))
     }
 
 
@@ -123,6 +134,7 @@ def _embed_missing(
     backbone: SharedBackbone,
     store: EmbeddingStore,
     batch_size: int,
+    row_id: Callable[[str, int], str],
 ) -> None:
     """Embed the missing views of ``todo`` ((sha, path) pairs), adding a shard every SHARD_IMAGES images."""
     bar = progress(len(todo), "embedding images")
@@ -134,11 +146,11 @@ def _embed_missing(
             chunk = todo[start : start + batch_size]
             opened = list(pool.map(_open_or_none, [p for _, p in chunk]))
             wanted = [(s, v, im) for (s, _), im in zip(chunk, opened) if im is not None
-                      for v in range(wanted_views[s]) if _row_id(s, v) not in store]  # fmt: skip
+                      for v in range(wanted_views[s]) if row_id(s, v) not in store]  # fmt: skip
             if wanted:
                 x = torch.stack([_view(im, v, s, backbone) for s, v, im in wanted])
                 rows.append(backbone.runtime.run(backbone.embedder, x).cpu().numpy())
-                ids += [_row_id(s, v) for s, v, _ in wanted]
+                ids += [row_id(s, v) for s, v, _ in wanted]
             images_since_shard += len(chunk)
             bar.update(len(chunk))
             if images_since_shard >= SHARD_IMAGES or start + batch_size >= len(todo):
@@ -421,7 +433,7 @@ def embedding_key(backbone: SharedBackbone, weights_id: str) -> dict:
     return {
         "backbone": backbone.name, "weights": weights_id,
         "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
-        "eval_transform": repr(backbone.transform), "views": f"{VIEW_RECIPE}; {train_transform(backbone.data)!r}",
+        "eval_transform": repr(backbone.transform), "views": VIEW_RECIPE,
         "precision": backbone.runtime.precision, "stage_features": backbone.embedder.stages,
     }  # fmt: skip
 

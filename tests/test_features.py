@@ -475,3 +475,21 @@ def test_test_flips_average_the_heads_over_each_picture_and_its_mirror(split, tm
     assert not torch.allclose(plain, mirror)  # the mirror image is another input
     chosen = [expected[i, root.classes.index(p.path[0])].item() for i, p in enumerate(flipped)]
     assert [p.confidences[0] for p in flipped] == pytest.approx(chosen, abs=1e-5)
+
+
+def test_a_new_augmentation_recomputes_the_augmented_views_alone(split, lite0, tmp_path, monkeypatch):
+    from torchvision import transforms as T
+
+    from lcpn import features
+    from lcpn.embedding_store import EmbeddingStore
+
+    backbone, key = lite0
+    paths = train_paths(split)
+    first = features.embed_images(paths, backbone, EmbeddingStore(tmp_path, key), views=3, batch_size=4)
+    calls = count_embedded(monkeypatch)
+    monkeypatch.setattr(features, "train_transform", lambda cfg: T.Compose([T.Resize((32, 32)), T.ToTensor()]))
+    plain_and_mirrored = features.embed_images(paths, backbone, EmbeddingStore(tmp_path, key), views=2, batch_size=4)
+    assert calls == [] and all(torch.equal(plain_and_mirrored[p], first[p][:2]) for p in paths)
+    again = features.embed_images(paths, backbone, EmbeddingStore(tmp_path, key), views=3, batch_size=4)
+    assert sum(calls) == len(paths)  # view 2 of every image, with the new augmentation
+    assert all(torch.equal(again[p][:2], first[p][:2]) and not torch.equal(again[p][2], first[p][2]) for p in paths)
