@@ -20,7 +20,9 @@ or embedding the evaluation images again for every recipe. Embedding is always d
 features (the default) and sliced, since the smaller embeddings are its last dimensions.
 
 One JSON line per recipe goes to ``--out`` (appended): path accuracy, correct images and the most
-frequent OOD mistakes; a table of every recipe run is printed at the end.
+frequent OOD mistakes; a table of every recipe run is printed at the end. With ``--attributes`` each
+recipe also fits a head per attribute the split records and scores it as ``lcpn evaluate`` does (on
+the images whose value is one of the attribute's classes; the OOD set's values from its labels.csv).
 """
 
 from __future__ import annotations
@@ -40,14 +42,16 @@ from benchmark import DEFAULT_OOD, ood_items  # scripts/ is on the path when a s
 
 from lcpn import fsio
 from lcpn.artefacts import NodeInfo
+from lcpn.attributes import read_specs
 from lcpn.cascade import best_first
 from lcpn.config import OPTIONS, TrainConfig
 from lcpn.embedding_store import EmbeddingStore
 from lcpn.evaluate import split_test_items
 from lcpn.features import embed_images, fit_head, head_spec, open_backbone
 from lcpn.hierarchy import Hierarchy
-from lcpn.nodes import load_node_data
+from lcpn.nodes import NodeData, load_attribute_data, load_node_data
 from lcpn.report import format_table
+from lcpn.sources import with_attributes
 
 EMBED_STAGES = 2  # embed once with the default stage features; fewer are the embedding's last dimensions
 SCRIPT_KEYS = ("temperature",)
@@ -79,10 +83,14 @@ def parse_recipe(text: str) -> tuple[str, dict, dict]:
 
 
 def evaluation_items(split: Path, ood: Path | None, levels: str | None, tree: Hierarchy) -> dict[str, list]:
-    """{"test": [(path, leaf)], "ood": [(path, leaf)]}: the split's test images and the OOD set's known leaves."""
-    sets = {"test": [(it.path, it.leaf) for it in split_test_items(split)]}
+    """{"test": [LabelledImage], "ood": [LabelledImage]}: the split's test images (with their attribute
+    values) and the OOD set's images of known leaves (with its labels.csv's values, where it has them)."""
+    sets = {"test": split_test_items(split)}
     if ood:
-        sets["ood"] = [(it.path, it.leaf) for it in ood_items(ood, levels, tree)]
+        sets["ood"] = ood_items(ood, levels, tree)
+        names = list(read_specs(split))
+        if names and (ood / "labels.csv").is_file():
+            sets["ood"] = with_attributes(sets["ood"], ood / "labels.csv", names, "path", ood, required=False)
     return sets
 
 
@@ -115,7 +123,7 @@ def fit_temperature(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, sets: dict, store: dict) -> dict:
     config = TrainConfig(**{"mode": "features", "device": "cpu", **options}).resolved()
-    evaluated = [p for pairs in sets.values() for p, _ in pairs]
+    evaluated = [it.path for items in sets.values() for it in items]
     parts = []
     for backbone in config.backbone.split("+"):
         ident = (backbone, config.square, config.views)
@@ -132,36 +140,59 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
         data = load_node_data(args.split, tree, node)
         if len(data.classes) == 1:
             continue
-        stub = NodeInfo(node=node, classes=data.classes, mode="features", head=head_spec(config, dim))
-        heads[node], _, _ = fit_head(data, feats, stub, config)
+        heads[node] = fit(data, feats, config, dim)
         if extras.get("temperature") and data.val:
             x = torch.stack([feats[p][0] for p, _ in data.val]).float()
             temperatures[node] = fit_temperature(heads[node], x, torch.tensor([y for _, y in data.val]))
     fit_seconds = time.perf_counter() - started
 
     row = {"recipe": name, "options": options, **extras, "dim": dim, "fit_seconds": round(fit_seconds, 1)}
-    for set_name, pairs in sets.items():
-        predicted = decode(tree, heads, temperatures, feats, [p for p, _ in pairs], config.test_flips)
-        truth = [leaf for _, leaf in pairs]
+    for set_name, items in sets.items():
+        predicted = decode(tree, heads, temperatures, feats, [it.path for it in items], config.test_flips)
+        truth = [it.leaf for it in items]
         correct = sum(t == p for t, p in zip(truth, predicted))
-        row[set_name] = {"path": round(correct / len(pairs), 4), "correct": correct, "images": len(pairs)}
+        row[set_name] = {"path": round(correct / len(items), 4), "correct": correct, "images": len(items)}
         if set_name == "ood":
             mistakes = Counter((t, p) for t, p in zip(truth, predicted) if t != p).most_common(8)
             row["ood_mistakes"] = [f"{t} -> {p}: {n}" for (t, p), n in mistakes]
+    if args.attributes:
+        row["attributes"] = score_attributes(args.split, feats, config, dim, sets)
     return row
+
+
+def fit(data: NodeData, feats: dict, config: TrainConfig, dim: int) -> torch.nn.Module:
+    stub = NodeInfo(node=data.node, classes=data.classes, mode="features", head=head_spec(config, dim))
+    return fit_head(data, feats, stub, config)[0]
+
+
+def score_attributes(split: Path, feats: dict, config: TrainConfig, dim: int, sets: dict) -> dict:
+    """{attribute: {set: accuracy}}: a head per attribute, scored on the images whose value is one of its classes."""
+    scores = {}
+    for name, spec in read_specs(split).items():
+        head = fit(load_attribute_data(split, spec), feats, config, dim)
+        scores[name] = {}
+        for set_name, items in sets.items():
+            scored = [(it, spec.label_of(it.attributes[name])) for it in items if name in it.attributes]
+            scored = [(it, label) for it, label in scored if label is not None]
+            probs = probabilities(head, feats, [it.path for it, _ in scored], config.test_flips)
+            predicted = [spec.values[i] for i in probs.argmax(1).tolist()]
+            correct = sum(label == p for (_, label), p in zip(scored, predicted))
+            scores[name][set_name] = round(correct / max(1, len(scored)), 4)
+    return scores
+
+
+def probabilities(head: torch.nn.Module, feats: dict, paths: list[str], flips: bool, temperature: float = 1.0):
+    """A head's class probabilities per path, averaged over the mirror image with ``flips``."""
+    views = [0, 1] if flips else [0]
+    with torch.no_grad():
+        p = sum((head(torch.stack([feats[q][v] for q in paths]).float()) / temperature).softmax(1) for v in views)
+    return p / len(views)
 
 
 def decode(tree: Hierarchy, heads: dict, temperatures: dict, feats: dict, paths: list[str], flips: bool) -> list:
     """The best path per image, from each node's probabilities (averaged over the mirror image with ``flips``)."""
-    views = [0, 1] if flips else [0]
-    probs = {}
-    for node, head in heads.items():
-        with torch.no_grad():
-            p = sum(
-                (head(torch.stack([feats[q][v] for q in paths]).float()) / temperatures.get(node, 1.0)).softmax(1)
-                for v in views
-            )
-        probs[node] = (p / len(views)).tolist()
+    probs = {node: probabilities(head, feats, paths, flips, temperatures.get(node, 1.0)).tolist()
+             for node, head in heads.items()}  # fmt: skip
 
     def lookup(requests):
         return {(r, node): probs[node][r] if node in probs else [1.0] for r, node in requests}
@@ -181,6 +212,8 @@ def main() -> None:
                         help="a recipe to measure (repeat); options as lcpn train's, plus backbone=A+B and "
                              "temperature=true")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("sweep.jsonl"), help="JSON lines, one per recipe (appended)")
+    parser.add_argument("--attributes", action="store_true",
+                        help="also fit and score a head per attribute the split records")  # fmt: skip
     args = parser.parse_args()
     try:
         recipes = [parse_recipe(r) for r in args.recipe]
@@ -203,6 +236,9 @@ def main() -> None:
     names = list(sets)
     table = [[r["recipe"], *(f"{r[s]['path']:.4f} ({r[s]['correct']})" for s in names), r["fit_seconds"]] for r in rows]
     print(format_table(table, ["recipe", *(f"{s} path ({len(sets[s])})" for s in names), "fit s"]))
+    if args.attributes:
+        table = [[r["recipe"], a, *(acc.get(s) for s in names)] for r in rows for a, acc in r["attributes"].items()]
+        print(format_table(table, ["recipe", "attribute", *(f"{s} accuracy" for s in names)]))
 
 
 if __name__ == "__main__":
