@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .artefacts import ArtefactError
+from .export import MANIFEST
 from .feed import ImageSource, feed, source_name
 from .hierarchy import ROOT, Hierarchy, names_of
 from .models import AS_TRAINED, AttributeModel, Batch, NodeModel, check_fits, load_all
@@ -223,3 +224,25 @@ class Cascade:
                 pred.image = source_name(sources[start + j], start + j)
                 yield pred
             start += len(opened)
+
+
+RUNTIMES = ("torch", "onnx")
+
+
+def open_cascade(
+    models: str | Path, runtime: str = "torch", device: str = "auto", precision: str = AS_TRAINED,
+    attributes: bool = True,
+) -> Cascade:  # fmt: skip
+    """The Cascade over a trained folder (``torch``) or an ``lcpn export`` folder (``onnx``, run by
+    onnxruntime): the same decoding either way. Raises ``ArtefactError`` for the other kind of folder."""
+    models = Path(models)
+    if runtime == "torch":
+        if (models / MANIFEST).is_file():
+            raise ArtefactError(f"'{models}' is an ONNX export: add --runtime onnx")
+        return Cascade.load(models, device, precision, attributes)
+    if device not in ("auto", "cpu") or precision != AS_TRAINED:
+        raise ArtefactError("--runtime onnx runs on the CPU in the precision it was exported in; "
+                            "leave out --device and --precision")  # fmt: skip
+    from .onnx_runtime import load_onnx_models  # onnxruntime is loaded only when asked for
+
+    return Cascade(*load_onnx_models(models))

@@ -355,22 +355,6 @@ _runtime_option = click.option(
 )  # fmt: skip
 
 
-def _load_cascade(models: Path, runtime: str, device: str, precision: str, attributes: bool = True):
-    """The Cascade over a trained folder (torch) or an exported one (onnxruntime): same decoding either way."""
-    from .cascade import Cascade
-
-    if runtime == "torch":
-        if (models / "manifest.json").is_file():
-            raise click.UsageError(f"'{models}' is an ONNX export: add --runtime onnx.")
-        return Cascade.load(models, device, precision, attributes)
-    if device not in ("auto", "cpu") or precision != "as-trained":
-        raise click.UsageError("--runtime onnx runs on the CPU in the precision it was exported in; "
-                               "leave out --device and --precision.")  # fmt: skip
-    from .onnx_runtime import load_onnx_models
-
-    return Cascade(*load_onnx_models(models))
-
-
 @main.command()
 # readable=False: an unreadable file gets its own error line like any bad image, not a usage error.
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
@@ -411,11 +395,12 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
     and the others are still predicted. Exit code: 0 when every image was predicted, 1 when any
     failed, 2 on usage errors (among them: none of INPUTS exists).
     """
+    from .cascade import open_cascade
     from .feed import collect_images
     from .output import write_predictions
 
     paths = collect_images(inputs)
-    cascade = _load_cascade(models, runtime, device, precision, attributes)
+    cascade = open_cascade(models, runtime, device, precision, attributes)
     predictions = cascade.predict(paths, batch_size, top_k, decode, min_confidence)
     failed = write_predictions(predictions, fmt, cascade.tree.max_depth, top_k, sys.stdout, list(cascade.attributes))
     if failed:
@@ -469,6 +454,7 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, attri
     """
     import json
 
+    from .cascade import open_cascade
     from .evaluate import evaluate as run_evaluate
     from .evaluate import format_metrics, overlap_warning, split_test_items
     from .overlap import NoTrainingRecord, TrainingImages
@@ -484,7 +470,7 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, attri
         items, excluded = scan_tree(data)
     if not items:
         raise click.UsageError("there are no images to evaluate on.")
-    cascade = _load_cascade(models, runtime, device, precision)
+    cascade = open_cascade(models, runtime, device, precision)
     values_csv = csv_file or attributes_csv
     if cascade.attributes and values_csv is not None:
         items = with_attributes(items, values_csv, list(cascade.attributes), path_column, image_root, required=False)
@@ -605,19 +591,23 @@ def export_command(models: Path, out: Path, fmt: str, quantize: str | None, cali
 )
 @_device_option
 @_precision_option
+@_runtime_option
 @click.option(
     "--token-env",
     metavar="NAME",
     help="Name of an environment variable holding a token: every /v1/ request must then send "
     "'Authorization: Bearer <token>'. The page, /healthz and /docs stay open.",
 )
-def serve(models, host, port, max_batch, max_wait_ms, max_files, max_file_mb, device, precision, token_env) -> None:
+def serve(models, host, port, max_batch, max_wait_ms, max_files, max_file_mb, device, precision, runtime,
+          token_env) -> None:  # fmt: skip
     """Serve the models over HTTP: a JSON API with dynamic batching, Grad-CAM explanations and a web page.
 
     POST /v1/predict (multipart 'files') answers what `lcpn predict --format json` prints, one
     object per file; POST /v1/explain (multipart 'file') adds a Grad-CAM heatmap for every stage of
     the path; GET /v1/model describes the tree; GET / is the page; GET /docs documents the API.
     Every node model is loaded before the server starts: a folder that cannot be served stops here.
+    With --runtime onnx (an `lcpn export` folder) explanations are not available: they need the
+    trained PyTorch models.
     """  # fmt: skip
     import os
 
@@ -634,8 +624,8 @@ def serve(models, host, port, max_batch, max_wait_ms, max_files, max_file_mb, de
     elif host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: serving on {host} without a token (--token-env): anyone who reaches it can use it",
                    err=True)  # fmt: skip
-    app = create_app(models, device=device, precision=precision, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                     limits=Limits(max_files, max_file_mb), token=token)  # fmt: skip
+    app = create_app(models, device=device, precision=precision, runtime=runtime, max_batch=max_batch,
+                     max_wait_ms=max_wait_ms, limits=Limits(max_files, max_file_mb), token=token)  # fmt: skip
     click.echo(f"Serving {models} on http://{host}:{port}/ (API documentation at /docs); Ctrl+C stops.", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

@@ -183,3 +183,24 @@ def test_features_mode_serves_and_explains_with_a_constant_root(tmp_path):
     root, head = explained["stages"]
     assert root["heatmap_png"] is None and "nothing to explain" in root["note"]
     assert Image.open(io.BytesIO(base64.b64decode(head["heatmap_png"]))).size == (20, 30)
+
+
+def test_an_onnx_export_serves_torchs_answers_and_says_why_it_cannot_explain(finetuned, test_images, tmp_path):
+    from lcpn.export import export
+
+    export(finetuned, tmp_path / "onnx")
+    images = test_images[:3]
+    with TestClient(create_app(finetuned, device="cpu")) as client:
+        by_torch = client.post("/v1/predict", files=files_of(images), params={"top_k": 2}).json()
+    with TestClient(create_app(tmp_path / "onnx", runtime="onnx")) as client:
+        by_onnx = client.post("/v1/predict", files=files_of(images), params={"top_k": 2}).json()
+        explained = client.post("/v1/explain", files={"file": ("red.png", png_bytes(20, 30))})
+        model = client.get("/v1/model").json()
+    assert [p["path"] for p in by_onnx["predictions"]] == [p["path"] for p in by_torch["predictions"]]
+    for onnx, torch_ in zip(by_onnx["predictions"], by_torch["predictions"]):
+        assert onnx["confidences"] == pytest.approx(torch_["confidences"], abs=1e-4)
+    assert explained.status_code == 501 and "need the trained PyTorch models" in explained.json()["detail"]
+    settings = (model["runtime"], model["explanations"], model["mode"], model["image_size"])
+    assert settings == ("onnx", False, "finetune", 32)
+    root = model["tree"]
+    assert root["kind"] == "onnx" and root["val_accuracy"] is None and root["children"][2]["kind"] == "constant"

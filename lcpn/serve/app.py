@@ -3,7 +3,9 @@
 Routes: ``POST /v1/predict`` (many files), ``POST /v1/explain`` (one file, Grad-CAM per stage),
 ``GET /v1/model`` (the tree, per-node val accuracy, batching counters), ``GET /healthz``, FastAPI's
 ``/docs``, and ``GET /`` (the page in ``static/``). Predictions are the objects of
-``lcpn predict --format json`` (``Prediction.to_dict``), one per file, in order.
+``lcpn predict --format json`` (``Prediction.to_dict``), one per file, in order. An ``lcpn export``
+folder is served with ``runtime="onnx"``: the same answers from onnxruntime, without explanations
+(Grad-CAM needs the PyTorch networks' gradients), so ``/v1/explain`` answers 501 there.
 
 All network work runs on one model thread: the batcher's batches and the explanations take turns,
 so Grad-CAM's hooks never see another request's pass and the CPU cores are not oversubscribed.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal
@@ -27,12 +30,13 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from .. import __version__, artefacts
-from ..cascade import DECODERS, Cascade, Prediction
+from ..cascade import DECODERS, Cascade, Prediction, open_cascade
 from ..explain import Explainer, Stage, heatmap_png
+from ..export import MANIFEST
 from ..feed import open_source
 from ..hierarchy import ROOT, names_of
 from ..images import ImageError
-from ..models import AS_TRAINED
+from ..models import AS_TRAINED, ConstantNode
 from ..recipe import versions
 from .batcher import Batcher, Settings
 from .limits import BearerToken, Limits, status_of, too_many_files_handler
@@ -61,6 +65,7 @@ def create_app(
     *,
     device: str = "auto",
     precision: str = AS_TRAINED,
+    runtime: str = "torch",
     max_batch: int = 64,
     max_wait_ms: float = 10.0,
     limits: Limits | None = None,
@@ -69,12 +74,12 @@ def create_app(
     """The app for a model folder; every node is loaded and run once here, so a folder that cannot
     serve raises (``ArtefactError``) before any request is taken."""
     models, limits = Path(models), limits or Limits()
-    cascade = Cascade.load(models, device, precision)
+    cascade = open_cascade(models, runtime, device, precision)
     cascade.predict_batch([Image.new("RGB", (64, 64), "white")])  # every node runs once: no slow first request
-    explainer = Explainer(cascade, models)
+    explainer = Explainer(cascade, models) if runtime == "torch" else None
     model_thread = ThreadPoolExecutor(1, thread_name_prefix="lcpn-model")
     batcher = Batcher(cascade, model_thread, max_batch, max_wait_ms)
-    description = describe_models(models, cascade)
+    description = describe_models(models, cascade) | {"runtime": runtime, "explanations": explainer is not None}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -135,6 +140,10 @@ def create_app(
         Each stage has the deciding node, the class, its probability and ``heatmap_png``: the heatmap
         (JET colours, the image's own size) as base64 PNG; null for a constant node, with a note.
         """
+        if explainer is None:
+            detail = (f"explanations need the trained PyTorch models; this server runs the {runtime} export "
+                      f"'{models.name}': serve the `lcpn train` folder for heatmaps")  # fmt: skip
+            return JSONResponse({"detail": detail}, 501)
         name = upload_name(file, 0)
         image = await _open(limits, file)
         if isinstance(image, ImageError):
@@ -183,22 +192,25 @@ def stage_record(stage: Stage) -> dict:
 
 def describe_models(models: Path, cascade: Cascade) -> dict:
     """The tree as nested nodes (val accuracy and per-class val counts on parents), the training
-    mode, backbone and image size, and the versions the models were trained and are served with."""
+    mode, backbone and image size, and the versions the models were trained and are served with.
+    An export folder has no per-node reports: its nodes carry no val figures."""
     tree = cascade.tree
-    infos = {node: artefacts.read_info(models / tree.folders[node]) for node in tree.parents}
+    manifest = models / MANIFEST
+    infos = {} if manifest.is_file() else {n: artefacts.read_info(models / tree.folders[n]) for n in tree.parents}
     trained = [info for info in infos.values() if info.kind != "constant"]
 
     def describe(node: str) -> dict:
         entry = {"id": node, "name": names_of(node)[-1] if node else "root", "leaf": tree.is_leaf(node)}
         if not entry["leaf"]:
-            info = infos[node]
-            metrics = info.metrics
+            info = infos.get(node)
+            metrics = info.metrics if info else {}
             on_val = bool(metrics.get("n")) and str(metrics.get("evaluated_on", "val")).startswith("val")
             per_class = metrics.get("per_class", {})
+            model = cascade.nodes[node]
             entry.update({
-                "kind": "constant" if info.kind == "constant" else info.mode,
+                "kind": "constant" if isinstance(model, ConstantNode) else (info.mode if info else "onnx"),
                 "val_accuracy": metrics.get("accuracy") if on_val else None, "val_images": metrics.get("n", 0),
-                "class_counts": {c: int(per_class[c]["support"]) for c in info.classes if c in per_class},
+                "class_counts": {c: int(per_class[c]["support"]) for c in model.classes if c in per_class},
                 "children": [describe(child) for child in tree.children[node]],
             })  # fmt: skip
         return entry
@@ -206,9 +218,18 @@ def describe_models(models: Path, cascade: Cascade) -> dict:
     def one(values: set) -> str | int | None:
         return values.pop() if len(values) == 1 else ("mixed" if values else None)
 
+    if infos:
+        settings = {"mode": one({info.mode for info in trained}), "backbone": one({info.backbone for info in trained}),
+                    "image_size": one({artefacts.data_config(info).image_size for info in trained}),
+                    "trained_with": trained[0].versions if trained else {}}  # fmt: skip
+    else:  # the export's manifest and its copy of the models' hierarchy.json
+        exported = json.loads(manifest.read_text(encoding="utf-8"))
+        index = json.loads((models / "hierarchy.json").read_text(encoding="utf-8"))
+        settings = {"mode": index.get("config", {}).get("mode"), "backbone": index.get("config", {}).get("backbone"),
+                    "image_size": one({m["data"]["image_size"] for m in exported["models"].values()}),
+                    "trained_with": index.get("versions", {})}  # fmt: skip
     return {
         "tree": describe(ROOT), "depth": tree.max_depth, "parents": len(tree.parents), "leaves": len(tree.leaves),
-        "mode": one({info.mode for info in trained}), "backbone": one({info.backbone for info in trained}),
-        "image_size": one({artefacts.data_config(info).image_size for info in trained}),
-        "versions": {"trained_with": trained[0].versions if trained else {}, "serving": versions()},
+        "mode": settings["mode"], "backbone": settings["backbone"], "image_size": settings["image_size"],
+        "versions": {"trained_with": settings["trained_with"], "serving": versions()},
     }  # fmt: skip
