@@ -62,8 +62,8 @@ def train_nodes(
     config = config.resolved()
     backbones.spec(config.backbone)
     if config.mode == "features" and distributed.launched():
-        raise TrainError("torchrun fine-tunes one node on several GPUs in finetune mode only; run features mode "
-                         "without torchrun (its embedding pass and heads need one process)")  # fmt: skip
+        raise TrainError("torchrun runs finetune mode only (one node's network on several GPUs); run features "
+                         "mode as a plain `lcpn train`, without torchrun")  # fmt: skip
     if config.mode == "features":  # node.json records the precision used: auto and fp32 are one training key
         config = config.replace(precision=features_precision(config.precision))
     mode = FeaturesMode(split_dir, out, config) if config.mode == "features" else FinetuneMode(config)
