@@ -1,13 +1,14 @@
 """torchrun's processes: one node fine-tuned on several GPUs with DistributedDataParallel.
 
-``torchrun --nproc_per_node=N -m lcpn train --node X ...`` starts N copies of the same command;
-torchrun tells each its place through ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. Finetune mode
-then joins a process group (NCCL on CUDA, gloo on the CPU) and runs on ``cuda:LOCAL_RANK``, or
-on the CPU. Every rank fits every node it is given, since DDP needs them all for each step; rank 0
-alone locks nodes, writes checkpoints and artefacts and swaps nodes in, while the others wait for
-it at a barrier and then read what it wrote. Ranks other than 0 print nothing to stdout (their
-warnings and errors still go to stderr). With ``WORLD_SIZE`` 1, or without torchrun, nothing here
-changes how a run goes.
+``torchrun --standalone --nproc_per_node=N -m -- lcpn train --node X ...`` starts N copies of
+the same command (the ``--`` keeps torchrun from reading ``--node`` as an abbreviation of its own
+``--node-rank``); torchrun tells each its place through ``RANK``, ``LOCAL_RANK`` and
+``WORLD_SIZE``. Finetune mode then joins a process group (NCCL on CUDA, gloo on the CPU) and runs
+on ``cuda:LOCAL_RANK``, or on the CPU. Every rank fits every node it is given, since DDP needs
+them all for each step; rank 0 alone locks nodes, writes checkpoints and artefacts and swaps nodes
+in, while the others wait for it at a barrier and then read what it wrote. Ranks other than 0
+print nothing to stdout (their warnings and errors still go to stderr). With ``WORLD_SIZE`` 1, or
+without torchrun, nothing here changes how a run goes. Features mode is refused under torchrun.
 """
 
 from __future__ import annotations

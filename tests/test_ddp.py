@@ -1,5 +1,6 @@
-"""One node fine-tuned by two torchrun processes on the CPU (gloo): killed after a checkpoint, resumed,
-written once by rank 0, and its saved network scores what the ranks' gathered val figures say."""
+"""Finetune over several processes on the CPU: one node fine-tuned by two torchrun processes (gloo),
+killed after a checkpoint, resumed, written once by rank 0, its saved network scoring what the ranks'
+gathered val figures say; and the loader's worker processes, which do not change what is learnt."""
 
 from __future__ import annotations
 
@@ -93,3 +94,11 @@ def test_features_mode_under_torchrun_is_refused_in_one_sentence(split, tmp_path
     with pytest.raises(TrainError, match="finetune mode only"):
         train_nodes(split, tmp_path / "m", config, nodes=["b"])
     assert not (tmp_path / "m").exists()
+
+
+def test_training_views_do_not_depend_on_the_loader_worker_processes(split, tmp_path):
+    config = TrainConfig(backbone="efficientnet-lite0", image_size=32, epochs=2, patience=5, batch_size=8, device="cpu")
+    for workers in (0, 2):  # 2: persistent workers, each view seeded by (seed, epoch, image)
+        train_nodes(split, tmp_path / str(workers), config.replace(workers=workers), nodes=["b"])
+    alone, workers = (torch.load(tmp_path / m / "b" / "model.pth", weights_only=True) for m in ("0", "2"))
+    assert all(torch.equal(alone[k], workers[k]) for k in alone)
