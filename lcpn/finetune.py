@@ -22,7 +22,7 @@ node.json's ``finetune`` records the probe's figures and every mix's val accurac
 
 Resume: after every epoch a checkpoint is written atomically into the node's folder: model,
 optimizer, scheduler, loss scaler, history, best weights, and every random state (Python, NumPy,
-torch CPU and CUDA, and the generator that shuffles the batches and seeds the loader's workers).
+torch CPU and CUDA, and the generator that seeds the loader's workers).
 A killed run started again continues after the last finished epoch exactly as if it had never
 stopped: on a CPU its final weights equal an uninterrupted run's bit for bit. The probe's layer
 is in the checkpoint too, and the pretrained weights are read again, so WiSE-FT's start is the
@@ -199,7 +199,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    generator: torch.Generator  # shuffles the batches and seeds the loader's workers
+    generator: torch.Generator  # seeds the loader's workers, off the global random state that dropout draws from
     device: torch.device
     progress: Progress = field(default_factory=Progress)
 
@@ -328,7 +328,7 @@ def fit_probe(
     """
     embedder = backbones.Embedder(model).eval()
     rows = data.train + data.val
-    # its own generator: the training batches are shuffled as they would be without the probe
+    # its own generator: the training run's random states are as they would be without the probe
     loader = _loader(rows, eval_transform(dcfg), config, range(len(rows)), device,
                      torch.Generator().manual_seed(config.seed))  # fmt: skip
     feats = {}
