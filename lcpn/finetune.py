@@ -22,11 +22,30 @@ node.json's ``finetune`` records the probe's figures and every mix's val accurac
 
 Resume: after every epoch a checkpoint is written atomically into the node's folder: model,
 optimizer, scheduler, loss scaler, history, best weights, and every random state (Python, NumPy,
-torch CPU and CUDA, and the generator that shuffles the batches and seeds the loader's workers).
+torch CPU and CUDA, and the generator that seeds the loader's workers).
 A killed run started again continues after the last finished epoch exactly as if it had never
 stopped: on a CPU its final weights equal an uninterrupted run's bit for bit. The probe's layer
 is in the checkpoint too, and the pretrained weights are read again, so WiSE-FT's start is the
 same after a kill.
+
+Input pipeline: images are decoded and transformed in ``--workers`` processes that live across
+epochs (``persistent_workers``), each preparing ``PREFETCH_BATCHES`` batches ahead, into pinned
+memory on CUDA, copied to the GPU with ``non_blocking=True``. Every random view is drawn from a seed
+of its own (the run's seed, the epoch and the row), so the views do not depend on which worker
+process or rank opens an image, and a resumed run sees the views an uninterrupted one would. An
+unreadable image is logged with its reason and dropped from its batch; a batch with none left is
+skipped.
+
+Several GPUs (``torchrun --nproc_per_node=N``, see ``distributed``): the node's network runs under
+DistributedDataParallel, gradients averaged over the ranks each step. ``--batch-size`` is per
+process, so a step sees N times as many images. ``DistributedSampler`` deals each rank its share of
+the shuffled train rows (seeded by ``--seed`` and the epoch: the same order in every run); val rows
+are shared out without repeats and the ranks' results gathered, so every figure is the whole val
+set's and every rank takes the same early-stopping and WiSE-FT decisions. Rank 0 alone fits the
+LP-FT probe (sent to the others), writes the checkpoints and the node; on resume every rank reads
+the same checkpoint, whose key holds the number of processes (a different number starts the node
+over: its steps per epoch differ). BatchNorm statistics are each rank's own during an epoch and
+rank 0's for evaluation and saving.
 """
 
 from __future__ import annotations
@@ -42,10 +61,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from . import backbones, features, fsio
+from . import backbones, distributed, features, fsio
 from .artefacts import NodeInfo
 from .config import TrainConfig
 from .devices import resolve_device, training_note
@@ -59,6 +78,7 @@ from .transforms import DataConfig, eval_transform, inv_normalize, train_transfo
 log = logging.getLogger(__name__)
 
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT: the share of the fine-tuned weights in each mix tried
+PREFETCH_BATCHES = 4  # per worker process: decoding stalls (a large JPEG) do not starve a GPU
 
 
 class FinetuneMode:
@@ -66,18 +86,21 @@ class FinetuneMode:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config.resolved()
-        self.device = resolve_device(config.device)
+        self.device = distributed.start(resolve_device(config.device))
 
     def prepare(self, todo: list[NodeData]) -> None:
         tqdm.write(training_note(self.device, "finetune"))
 
-    def fit(self, data: NodeData, folder: NodeFolder) -> NodeInfo:
+    def fit(self, data: NodeData, folder: NodeFolder) -> NodeInfo | None:
         return fit_node(data, folder, self.config, self.device)
 
 
 # --- data ------------------------------------------------------------------------------------------
 class ImageDataset(Dataset):
-    """(path, label) rows opened safely; an unreadable file yields None and is dropped in batching."""
+    """(path, label) rows opened safely; an unreadable file yields None and is dropped in batching.
+
+    Items are asked for as (row, seed) (``ViewSeeds``): the transform's random draws come from the seed.
+    """
 
     def __init__(self, rows: list[tuple[str, int]], transform: Callable) -> None:
         self.rows, self.transform = rows, transform
@@ -85,13 +108,35 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: tuple[int, int]):
+        i, seed = item
         path, label = self.rows[i]
         try:
-            return self.transform(open_rgb(path)), label, i
+            with torch.random.fork_rng(devices=[]):  # the process's own random state is left as it was
+                torch.manual_seed(seed)
+                return self.transform(open_rgb(path)), label, i
         except ImageError as exc:
             log.warning("skipping %s: %s", path, exc)
             return None
+
+
+class ViewSeeds(Sampler):
+    """The rows of ``order`` as (row, seed) pairs, the seed made from the run's seed, the epoch and the row."""
+
+    def __init__(self, order, seed: int) -> None:
+        self.order, self.seed, self.epoch = order, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.order, "set_epoch"):  # DistributedSampler: a new shuffle
+            self.order.set_epoch(epoch)
+
+    def __iter__(self):
+        for row in self.order:
+            yield row, int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1)[0])
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -102,11 +147,13 @@ def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return torch.stack(xs), torch.tensor(ys), torch.tensor(idx)
 
 
-def _loader(rows, transform, config: TrainConfig, shuffle: bool, device: torch.device, generator) -> DataLoader:
+def _loader(rows, transform, config: TrainConfig, order, device: torch.device, generator) -> DataLoader:
+    """Batches of ``rows`` in ``order`` (an iterable of row numbers); ``generator`` seeds the worker processes."""
+    workers = config.workers
     return DataLoader(
-        ImageDataset(rows, transform), batch_size=config.batch_size, shuffle=shuffle, generator=generator,
-        num_workers=config.workers, collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        ImageDataset(rows, transform), batch_size=config.batch_size, sampler=ViewSeeds(order, config.seed),
+        generator=generator, num_workers=workers, collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
     )  # fmt: skip
 
 
@@ -152,7 +199,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    generator: torch.Generator  # shuffles the batches and seeds the loader's workers
+    generator: torch.Generator  # seeds the loader's workers, off the global random state that dropout draws from
     device: torch.device
     progress: Progress = field(default_factory=Progress)
 
@@ -218,10 +265,14 @@ def _run_epoch(model, loader, device, amp: MixedPrecision, loss_fn, optimizer=No
     model.train(training)
     total_loss, correct, seen = 0.0, 0, 0
     indices, preds, confs = [], [], []
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+               disable=None if distributed.is_main() else True)  # fmt: skip
     with torch.set_grad_enabled(training):
         for batch in bar:
-            if batch is None:
+            skip = batch is None  # every image of the batch was unreadable
+            if training:  # under DDP every rank takes each step, or none does
+                skip = distributed.any_rank(skip, device)
+            if skip:
                 continue
             x, y, idx = batch
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -249,6 +300,22 @@ def _run_epoch(model, loader, device, amp: MixedPrecision, loss_fn, optimizer=No
     return {"loss": total_loss / seen, "acc": correct / seen, "indices": indices, "preds": preds, "confs": confs}
 
 
+def _merged(result: dict) -> dict:
+    """The result of a pass over every rank's share of the rows, the same on every rank; rows in order."""
+    parts = [r for r in distributed.all_gather(result) if r["indices"]]
+    if len(parts) <= 1:
+        return parts[0] if parts else result
+    counts = [len(r["indices"]) for r in parts]
+    seen = sum(counts)
+    rows = sorted(zip(*([x for r in parts for x in r[k]] for k in ("indices", "preds", "confs"))))
+    indices, preds, confs = (list(column) for column in zip(*rows))
+    return {
+        "loss": sum(r["loss"] * n for r, n in zip(parts, counts)) / seen,
+        "acc": sum(r["acc"] * n for r, n in zip(parts, counts)) / seen,
+        "indices": indices, "preds": preds, "confs": confs,
+    }  # fmt: skip
+
+
 def fit_probe(
     model: nn.Module, data: NodeData, dcfg: DataConfig, config: TrainConfig, device: torch.device, amp: MixedPrecision
 ) -> tuple[dict, dict]:
@@ -261,8 +328,9 @@ def fit_probe(
     """
     embedder = backbones.Embedder(model).eval()
     rows = data.train + data.val
-    # its own generator: the training batches are shuffled as they would be without the probe
-    loader = _loader(rows, eval_transform(dcfg), config, False, device, torch.Generator().manual_seed(config.seed))
+    # its own generator: the training run's random states are as they would be without the probe
+    loader = _loader(rows, eval_transform(dcfg), config, range(len(rows)), device,
+                     torch.Generator().manual_seed(config.seed))  # fmt: skip
     feats = {}
     with torch.inference_mode(), amp.autocast():
         for batch in tqdm(loader, desc=f"{data.title} probe features", unit="batch", leave=False, disable=None):
@@ -300,8 +368,11 @@ def _wise_ft(model, start: dict, finetuned: dict, evaluate: Callable[[float], di
     return best[0], best[1], figures
 
 
-def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: torch.device) -> NodeInfo:
-    """Train one node, resuming from its checkpoint if one fits; finish it in ``folder.staging``."""
+def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: torch.device) -> NodeInfo | None:
+    """Train one node, resuming from its checkpoint if one fits; finish it in ``folder.staging``.
+
+    Under torchrun every rank calls this; rank 0 alone writes, the others return None.
+    """
     seed_everything(config.seed)
     dcfg = data_config_for(config)
     try:
@@ -313,10 +384,15 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
     model = model.to(device, memory_format=torch.channels_last)
     amp = MixedPrecision(config.precision, device)
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = _loader(data.train, train_transform(dcfg, config.augment), config, True, device, generator)
+    train_order = distributed.train_order(data.train, config.seed)
+    train_loader = _loader(data.train, train_transform(dcfg, config.augment), config, train_order, device, generator)
     val_rows = data.val or data.train
     evaluated_on = "val" if data.val else "train (no val images)"
-    val_loader = _loader(val_rows, eval_transform(dcfg), config, False, device, generator)
+    val_loader = _loader(val_rows, eval_transform(dcfg), config, distributed.shard(len(val_rows)), device, generator)
+
+    def evaluate(desc: str) -> dict:
+        distributed.sync_buffers(model)
+        return _merged(_run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=desc))
 
     weights = class_weights(data.counts()["train"]).to(device)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
@@ -328,24 +404,27 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
         optimizer, warmup_cosine(config.epochs * steps, int(config.warmup_epochs * steps))
     )
     run = Training(model, optimizer, scheduler, amp.scaler, generator, device)
-    key = {"data_hash": data.data_hash, "training_key": config.training_key()}
+    world = distributed.world_size()
+    key = {"data_hash": data.data_hash, "training_key": config.training_key(), "world_size": world}
     if run.restore(folder.checkpoint, key):
         tqdm.write(f"{data.title}: resuming after epoch {run.progress.epoch}")
     elif config.init_head == "probe":
-        head, run.progress.probe = fit_probe(model, data, dcfg, config, device, amp)
+        head, run.progress.probe = distributed.from_main(lambda: fit_probe(model, data, dcfg, config, device, amp))
         run.progress.start_head = {k: v.cpu() for k, v in head.items()}
         model.load_state_dict(head, strict=False)
         tqdm.write(f"{data.title}: starting from a linear probe (C={run.progress.probe['C']}, "
                    f"val accuracy {run.progress.probe['val_acc']:.3f})")  # fmt: skip
 
+    net = distributed.wrap(model, device)  # after the restore: DDP starts every rank from rank 0's weights
     p = run.progress
     for epoch in range(p.epoch + 1, config.epochs + 1):
         if p.bad_epochs >= config.patience:
             break
         t0 = time.perf_counter()
-        tr = _run_epoch(model, train_loader, device, amp, loss_fn, optimizer, scheduler,
-                        desc=f"{data.title} epoch {epoch}/{config.epochs}")  # fmt: skip
-        ev = _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} eval")
+        train_loader.sampler.set_epoch(epoch)
+        tr = _merged(_run_epoch(net, train_loader, device, amp, loss_fn, optimizer, scheduler,
+                                desc=f"{data.title} epoch {epoch}/{config.epochs}"))  # fmt: skip
+        ev = evaluate(f"{data.title} eval")
         score = [ev["acc"], -ev["loss"]]
         improved = p.best is None or score > p.best
         if improved:
@@ -363,16 +442,16 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
             f"{data.title} epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['acc']:.3f} | "
             f"{evaluated_on.split()[0]} loss {ev['loss']:.4f} acc {ev['acc']:.3f}" + (" *" if improved else "")
         )
-        run.save(folder.checkpoint, key)
+        if distributed.is_main():
+            run.save(folder.checkpoint, key)
 
     recipe = {"init_head": config.init_head, **({"probe": p.probe} if p.probe else {})}
+    if world > 1:
+        recipe["world_size"] = world
     saved, note = p.best_state, ""
     if config.wise_ft:
         start = {**pretrained, **(p.start_head or {})}
-        alpha, final, figures = _wise_ft(
-            model, start, p.best_state,
-            lambda a: _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} WiSE-FT {a:g}"),
-        )  # fmt: skip
+        alpha, final, figures = _wise_ft(model, start, p.best_state, lambda a: evaluate(f"{data.title} WiSE-FT {a:g}"))
         saved = mix_weights(start, p.best_state, alpha)
         recipe["wise_ft"] = {"alpha": alpha, "mixes": figures}
         tried = ", ".join(f"{f['alpha']:g}: {f['val_acc']:.4f}" for f in figures)
@@ -380,7 +459,9 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
         tqdm.write(f"{data.title}: {note}")
     else:
         model.load_state_dict(p.best_state)
-        final = _run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=f"{data.title} final eval")
+        final = evaluate(f"{data.title} final eval")
+    if not distributed.is_main():
+        return None
     seen = final["indices"]  # the val loader is not shuffled: rows in order, unreadable ones skipped
     outcome = Outcome(
         classes=data.classes, paths=[val_rows[i][0] for i in seen], y_true=[val_rows[i][1] for i in seen],

@@ -26,7 +26,7 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
-from . import artefacts, locks
+from . import artefacts, distributed, locks
 from .artefacts import CHECKPOINT, ENCODER, MODEL, NODE_JSON, NodeInfo
 from .attributes import AttributeSpec
 from .config import TrainConfig
@@ -51,7 +51,7 @@ class NodeFolder:
     """Where a mode writes one node: its artefact into ``staging``, checkpoints into ``final``."""
 
     final: Path
-    staging: Path
+    staging: Path | None  # None on torchrun ranks other than 0, which write nothing
 
     @property
     def checkpoint(self) -> Path:
@@ -62,8 +62,9 @@ class Mode(Protocol):
     def prepare(self, todo: list[NodeData]) -> None:
         """Called once before any node is fitted, with only the nodes that will be fitted."""
 
-    def fit(self, data: NodeData, folder: NodeFolder) -> NodeInfo:
-        """Train one node and finish it (``nodes.finish_node``) in ``folder.staging``."""
+    def fit(self, data: NodeData, folder: NodeFolder) -> NodeInfo | None:
+        """Train one node and finish it (``nodes.finish_node``) in ``folder.staging``; None where nothing is
+        written (torchrun ranks other than 0)."""
 
 
 def run_nodes(
@@ -79,7 +80,7 @@ def run_nodes(
 
     held: dict[str, locks.NodeLock] = {}  # by folder: attribute and node ids share no name space
     try:
-        for data in nodes:
+        for data in nodes if distributed.is_main() else ():  # under torchrun rank 0 locks for every rank
             if finished(data):
                 continue
             held[data.folder] = locks.acquire(out / data.folder, data.title)
@@ -87,15 +88,17 @@ def run_nodes(
                 held.pop(data.folder).release()
                 continue
             clean_leftovers(out / data.folder, drop_checkpoint=force)
-        todo = [d for d in nodes if d.folder in held and len(d.classes) > 1]
+        building = distributed.from_main(lambda: set(held))
+        todo = [d for d in nodes if d.folder in building and len(d.classes) > 1]
         if todo:
             mode.prepare(todo)
         results = []
         for data in nodes:
             folder = out / data.folder
-            if data.folder in held:
+            if data.folder in building:
                 results.append(build_node(data, folder, mode, config))
-                held.pop(data.folder).release()
+                if data.folder in held:
+                    held.pop(data.folder).release()
             else:
                 results.append(NodeResult(data.node, "skipped", artefacts.read_info(folder)))
             tqdm.write(summary_line(results[-1]))
@@ -107,6 +110,8 @@ def run_nodes(
 
 def build_node(data: NodeData, folder: Path, mode: Mode, config: TrainConfig) -> NodeResult:
     """Fit (or record as constant) one locked node in a temporary folder, then swap it in."""
+    if not distributed.is_main():
+        return _follow_node(data, folder, mode)
     staging = folder / f".staging-{os.getpid()}.tmp"
     start = time.perf_counter()
     try:
@@ -119,7 +124,18 @@ def build_node(data: NodeData, folder: Path, mode: Mode, config: TrainConfig) ->
         (folder / CHECKPOINT).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    distributed.barrier()
     return NodeResult(data.node, status, info, time.perf_counter() - start)
+
+
+def _follow_node(data: NodeData, folder: Path, mode: Mode) -> NodeResult:
+    """A torchrun rank other than 0: fit beside rank 0 (DDP needs every rank), then read what it wrote."""
+    start = time.perf_counter()
+    if len(data.classes) > 1:
+        mode.fit(data, NodeFolder(folder, None))
+    distributed.barrier()  # rank 0 has swapped the node in
+    status = "trained" if len(data.classes) > 1 else "constant"
+    return NodeResult(data.node, status, artefacts.read_info(folder), time.perf_counter() - start)
 
 
 def swap_in(staging: Path, folder: Path) -> None:

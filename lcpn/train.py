@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import backbones, fsio
+from . import backbones, distributed, fsio
 from .attributes import AttributeSpec, read_specs, select
 from .config import TrainConfig
 from .features import FeaturesMode, features_precision
@@ -61,6 +61,9 @@ def train_nodes(
     wanted = select(known, attributes, f"the split '{split_dir}'")
     config = config.resolved()
     backbones.spec(config.backbone)
+    if config.mode == "features" and distributed.launched():
+        raise TrainError("torchrun runs finetune mode only (one node's network on several GPUs); run features "
+                         "mode as a plain `lcpn train`, without torchrun")  # fmt: skip
     if config.mode == "features":  # node.json records the precision used: auto and fp32 are one training key
         config = config.replace(precision=features_precision(config.precision))
     mode = FeaturesMode(split_dir, out, config) if config.mode == "features" else FinetuneMode(config)
@@ -68,5 +71,6 @@ def train_nodes(
     with disk_full_as_error(out, resume):
         out.mkdir(parents=True, exist_ok=True)
         kept = {s.name for s in wanted} | set(read_specs(out))  # those trained into ``out`` before stay listed
-        write_model_index(out, tree, config, split_dir, {n: s for n, s in known.items() if n in kept})
+        if distributed.is_main():  # under torchrun, rank 0 writes (see distributed)
+            write_model_index(out, tree, config, split_dir, {n: s for n, s in known.items() if n in kept})
         return run_nodes(split_dir, out, tree, chosen, config, mode, force, wanted)
