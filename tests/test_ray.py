@@ -57,7 +57,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(split, cluster, tmp_path_factory):
-    """The split trained sequentially and through Ray, each with its own embedding store."""
+    """The split trained sequentially and through Ray (where one worker dies), each with its own embedding store."""
     tmp = tmp_path_factory.mktemp("ray")
     threads = torch.get_num_threads()
     try:  # one thread, as in a Ray worker of one CPU: the same sums in the same order, the same bits
@@ -66,8 +66,9 @@ def runs(split, cluster, tmp_path_factory):
             train_nodes(split, tmp / "sequential", features_config(tmp / "cache-sequential"))
     finally:
         torch.set_num_threads(threads)
-    train_on_ray(split, tmp / "ray", features_config(tmp / "cache-ray"))
-    return tmp
+    cluster.touch()
+    statuses = {r.status for r in train_on_ray(split, tmp / "ray", features_config(tmp / "cache-ray"))}
+    return tmp, statuses
 
 
 def node_folders(split: Path, models: Path) -> list[Path]:
@@ -98,41 +99,33 @@ def predictions(split: Path, models: Path) -> str:
 
 
 def test_ray_trains_the_same_models_and_predictions_as_a_sequential_run(runs, split):
-    assert_same_models(split, runs / "sequential", runs / "ray")
-    assert predictions(split, runs / "ray") == predictions(split, runs / "sequential")
-    assert any((runs / "cache-ray").rglob("shard-*.json"))  # the Ray Data pass filled its own store
+    tmp, statuses = runs
+    assert statuses == {"trained", "constant"}
+    assert_same_models(split, tmp / "sequential", tmp / "ray")
+    assert predictions(split, tmp / "ray") == predictions(split, tmp / "sequential")
+    assert any((tmp / "cache-ray").rglob("shard-*.json"))  # the Ray Data pass filled its own store
 
 
-def test_a_finished_node_is_not_trained_again(runs, split):
-    trained = [f / "node.json" for f in node_folders(split, runs / "ray") if artefacts.read_info(f).kind != "constant"]
-    before = {p: p.stat().st_mtime_ns for p in trained}
-    shards = sorted((runs / "cache-ray").rglob("shard-*"))
-    results = train_on_ray(split, runs / "ray", features_config(runs / "cache-ray"))
-    assert {r.status for r in results} <= {"skipped", "constant"}
-    assert {p: p.stat().st_mtime_ns for p in trained} == before
-    assert sorted((runs / "cache-ray").rglob("shard-*")) == shards  # no embedding pass either
-
-
-def test_a_node_whose_worker_dies_is_retried_and_finished(runs, split, cluster):
-    cluster.touch()
-    out = runs / "killed"
-    results = train_on_ray(split, out, features_config(runs / "cache-ray"))
+def test_a_node_whose_worker_died_was_retried_and_finished(runs, cluster):
+    tmp, _ = runs
     assert not cluster.exists() and cluster.with_name("armed.fired").exists()  # a worker did die mid-node
-    assert {r.status for r in results} <= {"trained", "constant"}
-    assert_same_models(split, runs / "sequential", out)
-    leftovers = [p for p in out.rglob(".*") if p.name == ".train.lock" or p.name.endswith(".tmp")]
+    leftovers = [p for p in (tmp / "ray").rglob(".*") if p.name == ".train.lock" or p.name.endswith(".tmp")]
     assert leftovers == []  # the retry took over the dead worker's lock and removed its staging folder
 
 
-def test_the_command_line_trains_on_ray(runs, split):
-    out = runs / "cli"
-    args = ["train", "--data", str(split), "--out", str(out), "--node", "a", "--ray", "--mode", "features",
+def test_the_command_line_on_ray_does_not_train_finished_nodes_again(runs, split):
+    tmp, _ = runs
+    trained = [f / "node.json" for f in node_folders(split, tmp / "ray") if artefacts.read_info(f).kind != "constant"]
+    before = {p: p.stat().st_mtime_ns for p in trained}
+    shards = sorted((tmp / "cache-ray").rglob("shard-*"))
+    args = ["train", "--data", split, "--out", tmp / "ray", "--ray", "--mode", "features",
             "--backbone", "efficientnet-lite0", "--image-size", "32", "--device", "cpu", "--head", "linear",
-            "--cache", str(runs / "cache-ray")]  # fmt: skip
-    result = CliRunner().invoke(main, args)
+            "--cache", tmp / "cache-ray"]  # fmt: skip
+    result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
-    assert "a: 2 classes, val accuracy" in result.output and "node a: ready" in result.output
-    assert figures(out / "a") == figures(runs / "ray" / "a")
+    assert result.output.count("already trained, skipped") == len(trained) and "(0 trained now)" in result.output
+    assert {p: p.stat().st_mtime_ns for p in trained} == before
+    assert sorted((tmp / "cache-ray").rglob("shard-*")) == shards  # no embedding pass either
 
 
 def test_a_worker_that_cannot_see_the_split_stops_the_run(cluster, tmp_path):
