@@ -9,6 +9,9 @@
 # otherwise the trainer's defaults apply (EfficientNet-B4). Environment:
 #   SPLIT=split_datasets  MODELS=trained_models  where the split and the models go
 #   JOBS=1                nodes trained in parallel (round-robin over GPUs when there are several)
+#   RAY_ADDRESS=          a Ray cluster (auto, HOST:6379, ray://HOST:10001): one `lcpn train --ray` trains
+#                         every node as a Ray task instead of one call per node (JOBS is then unused);
+#                         SPLIT, MODELS and the dataset must be on a path that every machine sees
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 dataset=$repo/dataset_example
@@ -54,16 +57,22 @@ train_node() {  # $1: node, $2: slot number
 failed=0
 i=0
 train_start=$(date +%s)
-for node in "${nodes[@]}"; do
-  if [ "$jobs" -le 1 ]; then
-    train_node "$node" 0 || failed=$((failed + 1))
-  else
-    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=$((failed + 1)); done
-    train_node "$node" "$i" > >(sed "s|^|[$node] |") 2>&1 &
-  fi
-  i=$((i + 1))
-done
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=$((failed + 1)); done
+if [ -n "${RAY_ADDRESS:-}" ]; then
+  echo "== One Ray task per node on the cluster at $RAY_ADDRESS"
+  "$lcpn" train --data "$split" --out "$models" --ray "$RAY_ADDRESS" "${config[@]}" "${extra[@]}" \
+    || { echo "train_lcpn.sh: nodes failed on the Ray cluster (listed above); run it again to resume them" >&2; exit 1; }
+else
+  for node in "${nodes[@]}"; do
+    if [ "$jobs" -le 1 ]; then
+      train_node "$node" 0 || failed=$((failed + 1))
+    else
+      while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=$((failed + 1)); done
+      train_node "$node" "$i" > >(sed "s|^|[$node] |") 2>&1 &
+    fi
+    i=$((i + 1))
+  done
+  while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=$((failed + 1)); done
+fi
 
 echo
 echo "== Per-node summary ($models)"

@@ -230,9 +230,19 @@ def _train_options(command):
     "override it. An option that the chosen mode does not read is refused, in the file as on the command line.",
 )
 @click.option("--force", is_flag=True, help="Retrain nodes that are already trained, ignoring checkpoints.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    metavar="[ADDRESS]",
+    help="Train every node as a task on a Ray cluster: --ray alone starts Ray on this machine, --ray ADDRESS "
+    "joins a running cluster (auto, HOST:6379, ray://HOST:10001). The split, its images and --out must be on a "
+    "path every machine of the cluster sees. Needs `pip install 'lcpn[ray]'`.",
+)
 def train(
     data: Path, out: Path, nodes: tuple[str, ...], attribute_names: str | None, only_attributes: tuple[str, ...],
-    config_file: Path | None, force: bool, **options,
+    config_file: Path | None, force: bool, ray_address: str | None, **options,
 ) -> None:  # fmt: skip
     """Train one classifier per parent node of a prepared split, and one per attribute.
 
@@ -242,7 +252,8 @@ def train(
     Finished nodes are skipped and an interrupted node resumes after its last finished epoch, so
     running the same command again continues where it stopped. A node with a single child is
     recorded as constant and not trained. Two runs into the same --out never train one node at
-    once: the second is refused with the first one's pid.
+    once: the second is refused with the first one's pid. With --ray each node is a Ray task, and
+    a node whose worker is lost is retried.
     """
     from .attributes import parse_names
     from .backbones import spec
@@ -261,7 +272,13 @@ def train(
         spec(config.backbone)  # an unknown name is a ValueError that lists the known ones
     except ValueError as exc:
         raise click.UsageError(f"{exc}.") from None
-    results = train_nodes(data, out, config, None if only_attributes and not nodes else nodes, force, attributes)
+    chosen = None if only_attributes and not nodes else nodes
+    if ray_address:
+        from .ray_engine import train_on_ray
+
+        results = train_on_ray(data, out, config, chosen, force, attributes, ray_address)
+    else:
+        results = train_nodes(data, out, config, chosen, force, attributes)
     trained = sum(r.status == "trained" for r in results)
     seconds = time.perf_counter() - start
     if nodes or only_attributes:  # one of several runs (train_lcpn.sh runs one per node): say which, not a total

@@ -458,6 +458,13 @@ def _embedding(info: NodeInfo) -> dict:
             "test_flips": info.config.get("test_flips", False)}  # fmt: skip
 
 
+def _stored_embedding(folder: Path) -> dict | None:
+    try:
+        return _embedding(artefacts.read_info(folder))
+    except artefacts.ArtefactError:
+        return None
+
+
 def _describe(embedding: dict) -> str:
     return (f"{embedding['backbone']} (weights {embedding['weights_id']}) {embedding['data'].image_size} px, "
             f"{embedding['stage_features']} stage features, {embedding['precision']}"
@@ -470,9 +477,8 @@ def refuse_to_replace_a_used_backbone(out: Path, tree: Hierarchy, retrained: set
     Every features-mode head reads that one backbone's embeddings; replacing it (``--node b
     --weights other.pth``) would silently change the input of every other node's head.
     """
-    try:
-        old = _embedding(artefacts.read_info(out / "backbone"))
-    except artefacts.ArtefactError:
+    old = _stored_embedding(out / "backbone")
+    if old is None:
         return  # none yet, or unreadable: no head can use it
     new = _embedding(new_info)
     if old == new:
@@ -510,18 +516,32 @@ class FeaturesMode:
     def prepare(self, todo: list[NodeData]) -> None:
         """Embed every image the nodes to train need (stored); finished nodes cost nothing here."""
         config = self.config
-        backbone, key = open_backbone(config)
+        backbone, key = self.share_backbone(todo)
         tqdm.write(training_note(backbone.runtime.device, "features"))
-        tree = Hierarchy.load(self.split_dir / "hierarchy.json")
-        refuse_to_replace_a_used_backbone(self.out, tree, {d.node for d in todo}, backbone_info(backbone, key))
-        save_backbone(self.out / "backbone", backbone, key)
-        views = {p: 1 for d in todo for p, _ in d.val} | {p: config.views for d in todo for p, _ in d.train}
+        views = self.views(todo)
         paths = sorted(views)
-        store = EmbeddingStore(Path(config.cache) if config.cache else self.split_dir / "embeddings", key)
+        store = self.store(key)
         t0 = time.perf_counter()
         self.feats = embed_images(paths, backbone, store, views, config.batch_size) if paths else {}
         log.info("embeddings ready in %.1f s", time.perf_counter() - t0)
         self.backbone = backbone
+
+    def share_backbone(self, todo: list[NodeData]) -> tuple[SharedBackbone, dict]:
+        """Open the backbone and store it in ``<out>/backbone/`` unless it is there already (parallel runs)."""
+        backbone, key = open_backbone(self.config)
+        tree = Hierarchy.load(self.split_dir / "hierarchy.json")
+        info = backbone_info(backbone, key)
+        refuse_to_replace_a_used_backbone(self.out, tree, {d.node for d in todo}, info)
+        if _stored_embedding(self.out / "backbone") != _embedding(info):
+            save_backbone(self.out / "backbone", backbone, key)
+        return backbone, key
+
+    def views(self, todo: list[NodeData]) -> dict[str, int]:
+        """{image path: views to embed}: every view of a train image, the plain view of a val image."""
+        return {p: 1 for d in todo for p, _ in d.val} | {p: self.config.views for d in todo for p, _ in d.train}
+
+    def store(self, key: dict) -> EmbeddingStore:
+        return EmbeddingStore(Path(self.config.cache) if self.config.cache else self.split_dir / "embeddings", key)
 
     def fit(self, data: NodeData, folder: NodeFolder) -> NodeInfo:
         backbone = self.backbone

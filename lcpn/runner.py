@@ -5,7 +5,7 @@ the finished ones (before any expensive work), lock the others (``locks``), let 
 once for exactly the nodes it will train (features mode embeds their images there), then build
 each node in a temporary folder and swap it in.
 ``train_lcpn.sh`` with ``JOBS=N`` runs one ``lcpn train --node`` per node through this same loop,
-and a distributed runner would call ``run_nodes`` for one node per task.
+and ``lcpn train --ray`` runs it for one node per Ray task (``ray_engine``).
 
 A node's folder also holds its child nodes' folders, so it cannot be renamed into place whole.
 Instead its ``node.json`` (the mark of a finished node) is removed first and written last; in
@@ -72,19 +72,15 @@ def run_nodes(
     attributes: Sequence[AttributeSpec] = (),
 ) -> list[NodeResult]:  # fmt: skip
     """Train the ``chosen`` parent nodes and ``attributes`` into ``out`` with ``mode``; print a line per node."""
-    nodes = [load_node_data(split_dir, tree, n) for n in chosen]
-    nodes += [load_attribute_data(split_dir, a) for a in attributes]
-
-    def finished(data: NodeData) -> bool:  # a constant node costs nothing: always rewritten
-        return not force and len(data.classes) > 1 and is_finished(out / data.folder, data.data_hash, config)
+    nodes = load_nodes(split_dir, tree, chosen, attributes)
 
     held: dict[str, locks.NodeLock] = {}  # by folder: attribute and node ids share no name space
     try:
         for data in nodes if distributed.is_main() else ():  # under torchrun rank 0 locks for every rank
-            if finished(data):
+            if skipped(data, out, config, force):
                 continue
             held[data.folder] = locks.acquire(out / data.folder, data.title)
-            if finished(data):  # another run finished it just before releasing its lock
+            if skipped(data, out, config, force):  # another run finished it just before releasing its lock
                 held.pop(data.folder).release()
                 continue
             clean_leftovers(out / data.folder, drop_checkpoint=force)
@@ -106,6 +102,19 @@ def run_nodes(
     finally:
         for lock in held.values():
             lock.release()
+
+
+def load_nodes(
+    split_dir: Path, tree: Hierarchy, chosen: list[str], attributes: Sequence[AttributeSpec]
+) -> list[NodeData]:
+    """The data of the ``chosen`` parent nodes, then of the ``attributes``: the loop's order."""
+    nodes = [load_node_data(split_dir, tree, n) for n in chosen]
+    return nodes + [load_attribute_data(split_dir, a) for a in attributes]
+
+
+def skipped(data: NodeData, out: Path, config: TrainConfig, force: bool) -> bool:
+    """Whether the loop skips this node: finished on this data with these options (a constant node is rewritten)."""
+    return not force and len(data.classes) > 1 and is_finished(out / data.folder, data.data_hash, config)
 
 
 def build_node(data: NodeData, folder: Path, mode: Mode, config: TrainConfig) -> NodeResult:
