@@ -469,8 +469,9 @@ def test_test_flips_average_the_heads_over_each_picture_and_its_mirror(split, tm
     root = nodes[""]
     pictures = [open_rgb(p) for p in paths]
     with torch.no_grad():
-        plain = root.head(root.backbone.embed(pictures)).softmax(1)
-        mirror = root.head(root.backbone.embed([ImageOps.mirror(p) for p in pictures])).softmax(1)
+        plain = root.head(root.backbone.embed(torch.stack([root.backbone.transform(p) for p in pictures]))).softmax(1)
+        mirrored = torch.stack([root.backbone.transform(ImageOps.mirror(p)) for p in pictures])
+        mirror = root.head(root.backbone.embed(mirrored)).softmax(1)
     expected = (plain + mirror) / 2
     assert not torch.allclose(plain, mirror)  # the mirror image is another input
     chosen = [expected[i, root.classes.index(p.path[0])].item() for i, p in enumerate(flipped)]
