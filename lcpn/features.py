@@ -254,34 +254,38 @@ def _fit_linear(
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
+    from threadpoolctl import threadpool_limits
 
     xt, yt, xv, yv = hd.x_train.numpy(), hd.y_train.numpy(), hd.x_val.numpy(), hd.y_val.numpy()
     labels = list(range(n_classes))
     weights = None
     if config.linear_class_weights:
         weights = class_weights(np.bincount(yt, minlength=n_classes).tolist()).numpy()  # as the MLPs: train counts
-    clf = LogisticRegression(max_iter=3000, warm_start=True)
-    history, best = [], None
-    for i, c in enumerate(C_GRID, start=1):
-        clf.set_params(C=c).fit(xt, yt, sample_weight=None if weights is None else weights[yt])
-        pv, pt = _full_proba(clf, xv, n_classes), _full_proba(clf, xt, n_classes)
-        entry = {
-            "epoch": i, "C": c, "train_acc": float((pt.argmax(1) == yt).mean()),
-            "train_loss": float(log_loss(yt, pt, labels=labels)), "val_acc": float((pv.argmax(1) == yv).mean()),
-            "val_loss": float(log_loss(yv, pv, labels=labels)), "best": False,
-        }  # fmt: skip
-        history.append(entry)
-        if best is None or (entry["val_loss"], -entry["val_acc"]) < (best[0]["val_loss"], -best[0]["val_acc"]):
-            best = (entry, copy.deepcopy(clf), pv)
-    entry, clf, pv = best
-    entry["best"], spec["C"] = True, entry["C"]
-    note = ""
-    if config.refit and hd.evaluated_on == "val":
-        note = "figures from the fit on train alone; the saved logistic regression was refit on train + val"
-        y_all = np.concatenate([yt, yv])
-        if len(np.unique(y_all)) != len(clf.classes_):  # a class seen in val only: no solution to start from
-            clf.set_params(warm_start=False)
-        clf.fit(np.concatenate([xt, xv]), y_all, sample_weight=None if weights is None else weights[y_all])
+    # BLAS threads follow torch's thread count, the process's one CPU budget (JOBS=N and Ray set it per
+    # node), so nodes fitted side by side do not oversubscribe the cores.
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        clf = LogisticRegression(max_iter=3000, warm_start=True)
+        history, best = [], None
+        for i, c in enumerate(C_GRID, start=1):
+            clf.set_params(C=c).fit(xt, yt, sample_weight=None if weights is None else weights[yt])
+            pv, pt = _full_proba(clf, xv, n_classes), _full_proba(clf, xt, n_classes)
+            entry = {
+                "epoch": i, "C": c, "train_acc": float((pt.argmax(1) == yt).mean()),
+                "train_loss": float(log_loss(yt, pt, labels=labels)), "val_acc": float((pv.argmax(1) == yv).mean()),
+                "val_loss": float(log_loss(yv, pv, labels=labels)), "best": False,
+            }  # fmt: skip
+            history.append(entry)
+            if best is None or (entry["val_loss"], -entry["val_acc"]) < (best[0]["val_loss"], -best[0]["val_acc"]):
+                best = (entry, copy.deepcopy(clf), pv)
+        entry, clf, pv = best
+        entry["best"], spec["C"] = True, entry["C"]
+        note = ""
+        if config.refit and hd.evaluated_on == "val":
+            note = "figures from the fit on train alone; the saved logistic regression was refit on train + val"
+            y_all = np.concatenate([yt, yv])
+            if len(np.unique(y_all)) != len(clf.classes_):  # a class seen in val only: no solution to start from
+                clf.set_params(warm_start=False)
+            clf.fit(np.concatenate([xt, xv]), y_all, sample_weight=None if weights is None else weights[y_all])
     _load_linear(layer, clf, n_classes)
     return history, torch.as_tensor(pv, dtype=torch.float32), note
 

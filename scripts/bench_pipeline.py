@@ -8,22 +8,26 @@
 
 It measures, on the JPEG files of --data (the first --images of them, sorted):
 
-costs       per image, in this process on one core: decoding (``images.open_rgb``), the eval
-            transform, and the backbone's forward pass at --batch-size (all torch threads)
-embedding   images/s of the features-mode embedding pass (``features.embed_images``: one view, a
-            fresh store) through the input pipeline with --workers
-predict     images/s of features-mode ``Cascade.predict`` from the JPEG files (test flips on, the
-            default: two backbone passes per image), on models trained here on --train-data
-            (features mode, linear heads; the split, cache and models stay in --workdir)
+costs       CPU milliseconds per image: decoding (``images.open_rgb``) and the eval transform on
+            one torch thread (as in the workers), the backbone's forward pass at --batch-size
+            (summed over torch's threads)
+embedding   the features-mode embedding pass (``features.embed_images``: one view, a fresh store)
+            through the input pipeline with --workers: images/s, and CPU ms per image (this process
+            and its worker processes together)
+predict     the same for features-mode ``Cascade.predict`` from the JPEG files (test flips on, the
+            default: two backbone passes per image), on models trained here on the first
+            --train-images of each leaf of --train-data (features mode, linear heads; prediction's
+            speed does not depend on how well they learnt; split, cache and models stay in --workdir)
 heads       with --heads-split/--heads-store (a split and one of its embedding stores, e.g. the 9k
             catalogue's): the root node's logistic regression (``features.fit_head``, linear head)
-            fitted with sklearn's BLAS threads bounded to 1 and to 2 by threadpoolctl
+            fitted with sklearn's BLAS threads bounded to 1 and to 2 by threadpoolctl: wall and CPU seconds
 projection  the time to embed (two views per image: plain and mirrored) and to predict 1M images
             on 1, 4 and 16 GPUs, from the per-image costs measured here and the ASSUMED figures
             of --gpu-images-per-s (one GPU's backbone throughput) and --cores-per-gpu (CPU cores
             that decode for each GPU); each GPU is fed by its own cores, so the rate per GPU is
             the smaller of the two, and the GPUs share nothing but the file system
 
+CPU times are what to compare on a shared machine: wall-clock rates move with the other load.
 The same script measures the pipeline of an older checkout (run it with that checkout first on
 PYTHONPATH); --workers is then left out of the calls that do not take it.
 """
@@ -68,6 +72,7 @@ def main() -> None:
         default=Path("dataset_example"),
         help="a labelled folder tree to train the predict section's models on",
     )
+    ap.add_argument("--train-images", type=int, default=8, help="images per leaf of --train-data trained on")
     ap.add_argument("--images", type=int, default=300, help="images measured (the first ones, sorted)")
     ap.add_argument("--backbone", default="efficientnet-lite0")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -106,11 +111,11 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps(result, indent=2), flush=True)
     if "embedding" not in args.skip:
-        result["embedding_images_per_s"] = embedding_rate(paths, backbone, key, args)
-        print(f"embedding pass: {result['embedding_images_per_s']:.1f} images/s", flush=True)
+        result["embedding"] = embedding_rate(paths, backbone, key, args)
+        print(f"embedding pass: {result['embedding']}", flush=True)
     if "predict" not in args.skip:
-        result["predict_images_per_s"] = predict_rate(paths, config, args)
-        print(f"features-mode predict: {result['predict_images_per_s']:.1f} images/s", flush=True)
+        result["predict"] = predict_rate(paths, config, args)
+        print(f"features-mode predict: {result['predict']}", flush=True)
     if args.heads_split and args.heads_store:
         result["linear_head_seconds_by_threads"] = head_seconds(args.heads_split, args.heads_store)
         print(f"root logistic regression: {result['linear_head_seconds_by_threads']} s by threads", flush=True)
@@ -121,20 +126,32 @@ def main() -> None:
 
 
 def costs(paths: list[str], backbone, batch_size: int) -> dict:
-    """Milliseconds per image: decoding and the eval transform on one core, the backbone on all threads."""
-    t0 = time.perf_counter()
+    """CPU milliseconds per image: decoding and the eval transform, the backbone (all its threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the pipeline's workers; idle OpenMP threads spinning would count as work
+    t0 = time.process_time()
     pictures = [open_rgb(p) for p in paths]
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     pixels = [backbone.transform(p) for p in pictures]
-    t2 = time.perf_counter()
+    t2 = time.process_time()
+    torch.set_num_threads(threads)
     batches = [torch.stack(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
     backbone.runtime.run(backbone.embedder, batches[0])  # warm-up
-    t3 = time.perf_counter()
+    t3 = time.process_time()
     for x in batches:
         backbone.runtime.run(backbone.embedder, x)
-    t4 = time.perf_counter()
+    t4 = time.process_time()
     n = len(paths)
     return {"decode": 1e3 * (t1 - t0) / n, "transform": 1e3 * (t2 - t1) / n, "network": 1e3 * (t4 - t3) / n}
+
+
+def timed(run, n: int) -> dict:
+    """images/s of ``run()`` over ``n`` images, and its CPU ms per image with its (finished) child processes."""
+    before, start = os.times(), time.perf_counter()
+    run()
+    after, seconds = os.times(), time.perf_counter() - start
+    cpu = sum(a - b for a, b in zip(after[:4], before[:4]))  # user + system, self + children
+    return {"images_per_s": round(n / seconds, 2), "cpu_ms_per_image": round(1e3 * cpu / n, 1)}
 
 
 def _workers(function, args) -> dict:
@@ -143,26 +160,35 @@ def _workers(function, args) -> dict:
     return {"workers": args.workers} if takes and args.workers is not None else {}
 
 
-def embedding_rate(paths: list[str], backbone, key: dict, args) -> float:
+def embedding_rate(paths: list[str], backbone, key: dict, args) -> dict:
     root = args.workdir / "embedding-store"
     shutil.rmtree(root, ignore_errors=True)
-    start = time.perf_counter()
-    embed_images(paths, backbone, EmbeddingStore(root, key), 1, args.batch_size, **_workers(embed_images, args))
-    return len(paths) / (time.perf_counter() - start)
+    store = EmbeddingStore(root, key)
+    return timed(lambda: embed_images(paths, backbone, store, 1, args.batch_size, **_workers(embed_images, args)),
+                 len(paths))  # fmt: skip
 
 
-def predict_rate(paths: list[str], config: TrainConfig, args) -> float:
-    split, models = args.workdir / "split", args.workdir / "models"
+def predict_rate(paths: list[str], config: TrainConfig, args) -> dict:
+    split, models, train = args.workdir / "split", args.workdir / "models", args.workdir / "train"
     if not (split / "hierarchy.json").is_file():
-        prepare(*scan_tree(args.train_data), split, str(args.train_data))
+        prepare(*scan_tree(_first_of_each_leaf(args.train_data, args.train_images, train)), split, str(train))
     train_nodes(split, models, config)  # nodes already trained on the same data and options are skipped
     cascade = Cascade.load(models, "cpu")
-    start = time.perf_counter()
-    n = sum(1 for _ in cascade.predict(paths, args.batch_size, **_workers(cascade.predict, args)))
-    return n / (time.perf_counter() - start)
+    return timed(lambda: list(cascade.predict(paths, args.batch_size, **_workers(cascade.predict, args))), len(paths))
 
 
-def head_seconds(split: Path, store_folder: Path) -> dict[int, float]:
+def _first_of_each_leaf(data: Path, n: int, out: Path) -> Path:
+    """A tree of links to the first ``n`` images of each leaf folder of ``data``."""
+    for folder in sorted({Path(p).parent for p in collect_images([data])}):
+        for image in collect_images([folder])[:n]:
+            link = out / Path(image).relative_to(data)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(Path(image).resolve())
+    return out
+
+
+def head_seconds(split: Path, store_folder: Path) -> dict[int, dict]:
     """Seconds to fit the root's logistic regression (grid + refit) with BLAS threads bounded to 1 and 2."""
     from threadpoolctl import threadpool_limits
 
@@ -177,12 +203,15 @@ def head_seconds(split: Path, store_folder: Path) -> dict[int, float]:
     config = TrainConfig(mode="features", head="linear", device="cpu")
     dim = next(iter(feats.values())).shape[1]
     out = {}
+    all_threads = torch.get_num_threads()
     for threads in (1, 2):
         stub = NodeInfo(node=ROOT, classes=data.classes, mode="features", head=head_spec(config, dim))
+        torch.set_num_threads(threads)  # lcpn bounds sklearn's BLAS threads to torch's count
         with threadpool_limits(threads):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fit_head(data, feats, stub, config)
-            out[threads] = round(time.perf_counter() - start, 2)
+            out[threads] = {"wall": round(time.perf_counter() - start, 2), "cpu": round(time.process_time() - cpu, 2)}
+    torch.set_num_threads(all_threads)
     return out
 
 

@@ -153,6 +153,32 @@ def test_class_weights_make_the_logistic_regression_favour_a_rare_class():
     assert mean_rare_probability[1] > mean_rare_probability[0] + 0.05
 
 
+def test_the_logistic_regression_uses_as_many_blas_threads_as_torch(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    seen, fit = [], LogisticRegression.fit
+
+    def recording_fit(self, *args, **kwargs):
+        seen.append({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", recording_fit)
+    rng = np.random.default_rng(2)
+    labels = [(i // 2) % 2 for i in range(40)]  # both classes in train (even rows) and in val
+    feats = {f"{i}.jpg": torch.from_numpy(rng.normal(y, 1, (1, 4)).astype(np.float32)) for i, y in enumerate(labels)}
+    pairs = list(zip(feats, labels))
+    data = NodeData("n", ["a", "b"], pairs[::2], pairs[1::2], "")
+    config = TrainConfig(mode="features", head="linear").resolved()
+    stub = NodeInfo(node="n", classes=data.classes, mode="features", head=head_spec(config, 4))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a node fitted beside others is given one core
+    try:
+        fit_head(data, feats, stub, config)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 5 and all(s == {1} for s in seen)  # the grid of four and the refit
+
+
 def test_a_class_with_val_images_only_joins_the_refit_logistic_regression():
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.normal(3 * k, 1, (20, 4)) for k in range(3)]).astype(np.float32)
