@@ -234,6 +234,10 @@ def fit_head(
 
 
 C_GRID = (0.01, 0.03, 0.1, 1.0)  # inverse L2 strength, on standardised embeddings
+# BLAS threads of the logistic regression (threadpoolctl). One thread fitted the 9k catalogue's root node
+# in 9-11 s where two took 76-84 s on a busy 2-core CPU (docs/benchmarks.md), and nodes fitted side by side
+# (JOBS=N, Ray) then never oversubscribe the cores.
+LINEAR_THREADS = 1
 
 
 def _fit_linear(
@@ -261,9 +265,7 @@ def _fit_linear(
     weights = None
     if config.linear_class_weights:
         weights = class_weights(np.bincount(yt, minlength=n_classes).tolist()).numpy()  # as the MLPs: train counts
-    # BLAS threads follow torch's thread count, the process's one CPU budget (JOBS=N and Ray set it per
-    # node), so nodes fitted side by side do not oversubscribe the cores.
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    with threadpool_limits(limits=LINEAR_THREADS, user_api="blas"):
         clf = LogisticRegression(max_iter=3000, warm_start=True)
         history, best = [], None
         for i, c in enumerate(C_GRID, start=1):

@@ -20,7 +20,8 @@ predict     the same for features-mode ``Cascade.predict`` from the JPEG files (
             speed does not depend on how well they learnt; split, cache and models stay in --workdir)
 heads       with --heads-split/--heads-store (a split and one of its embedding stores, e.g. the 9k
             catalogue's): the root node's logistic regression (``features.fit_head``, linear head)
-            fitted with sklearn's BLAS threads bounded to 1 and to 2 by threadpoolctl: wall and CPU seconds
+            fitted with sklearn's BLAS threads bounded to each of --head-threads by threadpoolctl
+            (``features.LINEAR_THREADS``): wall and CPU seconds
 projection  the time to embed (two views per image: plain and mirrored) and to predict 1M images
             on 1, 4 and 16 GPUs, from the per-image costs measured here and the ASSUMED figures
             of --gpu-images-per-s (one GPU's backbone throughput) and --cores-per-gpu (CPU cores
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("bench_pipeline_work"))
     ap.add_argument("--heads-split", type=Path, help="a split folder, for the heads measurement")
     ap.add_argument("--heads-store", type=Path, help="an embedding store folder of that split")
+    ap.add_argument("--head-threads", type=int, nargs="+", default=[1, 2], help="BLAS thread counts tried, in order")
     ap.add_argument(
         "--gpu-images-per-s",
         type=float,
@@ -117,8 +119,8 @@ def main() -> None:
         result["predict"] = predict_rate(paths, config, args)
         print(f"features-mode predict: {result['predict']}", flush=True)
     if args.heads_split and args.heads_store:
-        result["linear_head_seconds_by_threads"] = head_seconds(args.heads_split, args.heads_store)
-        print(f"root logistic regression: {result['linear_head_seconds_by_threads']} s by threads", flush=True)
+        result["linear_head_fits"] = head_seconds(args.heads_split, args.heads_store, args.head_threads)
+        print(f"root logistic regression: {result['linear_head_fits']}", flush=True)
     result["projection"] = projection(result["costs_ms_per_image"], args.gpu_images_per_s, args.cores_per_gpu)
     print(json.dumps(result["projection"], indent=2))
     if args.out:
@@ -188,10 +190,11 @@ def _first_of_each_leaf(data: Path, n: int, out: Path) -> Path:
     return out
 
 
-def head_seconds(split: Path, store_folder: Path) -> dict[int, dict]:
-    """Seconds to fit the root's logistic regression (grid + refit) with BLAS threads bounded to 1 and 2."""
+def head_seconds(split: Path, store_folder: Path, thread_counts: list[int]) -> list[dict]:
+    """Seconds to fit the root's logistic regression (grid + refit) with BLAS threads bounded to each count."""
     from threadpoolctl import threadpool_limits
 
+    from lcpn import features
     from lcpn.artefacts import NodeInfo
 
     store = EmbeddingStore(store_folder.parent, json.loads((store_folder / "key.json").read_text()))
@@ -202,16 +205,15 @@ def head_seconds(split: Path, store_folder: Path) -> dict[int, dict]:
     feats = {p: torch.from_numpy(np.stack([store[f"{sha[p]}:{v}"] for v in range(n)])) for p, n in views.items()}
     config = TrainConfig(mode="features", head="linear", device="cpu")
     dim = next(iter(feats.values())).shape[1]
-    out = {}
-    all_threads = torch.get_num_threads()
-    for threads in (1, 2):
+    out = []
+    for threads in thread_counts:
         stub = NodeInfo(node=ROOT, classes=data.classes, mode="features", head=head_spec(config, dim))
-        torch.set_num_threads(threads)  # lcpn bounds sklearn's BLAS threads to torch's count
+        features.LINEAR_THREADS = threads  # lcpn's own bound (a checkout without one has the outer bound only)
         with threadpool_limits(threads):
             start, cpu = time.perf_counter(), time.process_time()
             fit_head(data, feats, stub, config)
-            out[threads] = {"wall": round(time.perf_counter() - start, 2), "cpu": round(time.process_time() - cpu, 2)}
-    torch.set_num_threads(all_threads)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            out.append({"threads": threads, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)})
     return out
 
 
