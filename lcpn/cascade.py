@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import torch
 
 from .artefacts import ArtefactError
 from .export import MANIFEST
-from .feed import ImageSource, feed, source_name
+from .feed import ImageSource, PerImage, feed, source_name
 from .hierarchy import ROOT, Hierarchy, names_of
 from .models import AS_TRAINED, AttributeModel, Batch, NodeModel, check_fits, load_all
 
@@ -170,7 +170,7 @@ class Cascade:
             raise ValueError(f"unknown decoder '{decode}'; choose {' or '.join(DECODERS)}")
         batch = batch or Batch(images)
         probs = {} if probs is None else probs
-        rows = range(len(batch.images))
+        rows = range(batch.size)
 
         def lookup(requests: Sequence[Request]) -> dict[Request, list[float]]:
             self.node_probabilities(batch, probs, requests)
@@ -202,31 +202,35 @@ class Cascade:
                 out[r][name] = {"label": ranked[0]["label"], "confidence": ranked[0]["probability"], "top_k": ranked}
         return out
 
+    def per_image(self) -> dict[Hashable, Callable]:
+        """Every per-image input that some node or attribute model reads (pixels per distinct transform)."""
+        models = [*self.nodes.values(), *self.attributes.values()]
+        return {key: fn for model in models for key, fn in model.per_image().items()}
+
     def predict(
         self, sources: Sequence[ImageSource], batch_size: int = 32, top_k: int = 1, decode: str = DEFAULT_DECODE,
         min_confidence: float = 0.0, workers: int | None = None,
         on_batch: Callable[[Batch, dict, list[int]], None] | None = None,
+        extra_inputs: Mapping[Hashable, Callable] | None = None,
     ) -> Iterator[Prediction]:  # fmt: skip
         """Predict image files or bytes in order; a source that is not a usable image gets ``error``.
 
-        ``on_batch`` sees each batch, its probability cache, and the index in ``sources`` of each
-        of its rows (evaluation uses it to reuse the work).
+        The input pipeline (``feed``) decodes and transforms in ``workers`` processes. ``on_batch``
+        sees each batch, its probability cache, and the index in ``sources`` of each of its rows
+        (evaluation uses it to reuse the work); ``extra_inputs`` are more per-image functions
+        (picklable) whose values it finds in ``batch.prepared``.
         """
-        start = 0
-        for opened in feed(sources, batch_size, workers):
-            good = [j for j, o in enumerate(opened) if not isinstance(o, Exception)]
-            batch, probs = Batch([opened[j] for j in good]), {}
-            preds = dict(zip(good, self.predict_batch(batch.images, top_k, decode, min_confidence, batch, probs)))
-            if on_batch:
-                on_batch(batch, probs, [start + j for j in good])
-            for j, o in enumerate(opened):
-                pred = preds.get(j) or Prediction(image="", error=str(o))
-                pred.image = source_name(sources[start + j], start + j)
+        prepare = PerImage({**self.per_image(), **(extra_inputs or {})})
+        for fed in feed(sources, batch_size, prepare, workers, pin_memory=True):
+            batch, probs = Batch(prepared=fed.inputs), {}
+            opened = fed.opened
+            preds = dict(zip(opened, self.predict_batch((), top_k, decode, min_confidence, batch, probs)))
+            if on_batch and opened:
+                on_batch(batch, probs, opened)
+            for i in fed.indices:
+                pred = preds.get(i) or Prediction(image="", error=str(fed.errors[i]))
+                pred.image = source_name(sources[i], i)
                 yield pred
-            start += len(opened)
-
-
-RUNTIMES = ("torch", "onnx")
 
 
 def open_cascade(

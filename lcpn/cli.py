@@ -363,13 +363,26 @@ _min_conf_option = click.option(
     help="Stop descending where the chosen child's probability is below this and return the partial path "
     "(the top-level decision is always given).",
 )  # fmt: skip
-_batch_option = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-                             help="Images per batch.")  # fmt: skip
+_batch_option = click.option("--batch-size", type=click.IntRange(min=1),
+                             help="Images per batch [default: 256 on a GPU, 32 on the CPU].")  # fmt: skip
+_workers_option = click.option(
+    "--workers", type=click.IntRange(min=0),
+    help="Processes that decode and transform the images while the networks run (0: in this process) "
+    "[default: the CPU cores, at most 4].",
+)  # fmt: skip
 _runtime_option = click.option(
     "--runtime", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
     help="torch: a folder written by `lcpn train`; onnx: a folder written by `lcpn export`, run with onnxruntime "
     "on the CPU (its files are checked against their sha256 first).",
 )  # fmt: skip
+
+
+def _batch_size(batch_size: int | None, device: str, runtime: str) -> int:
+    """--batch-size, else the default for where the networks run (onnx: the CPU)."""
+    from .devices import resolve_device
+    from .feed import default_batch_size
+
+    return batch_size or default_batch_size(resolve_device(device if runtime == "torch" else "cpu"))
 
 
 @main.command()
@@ -386,6 +399,7 @@ _runtime_option = click.option(
 @_min_conf_option
 @_decode_option
 @_batch_option
+@_workers_option
 @_device_option
 @_precision_option
 @_runtime_option
@@ -403,7 +417,7 @@ _runtime_option = click.option(
     show_default=True,
     help="Also name the product attributes (gender, colour, ...) that the model folder has classifiers for.",
 )
-def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, precision, runtime, fmt,
+def predict(inputs, models, top_k, min_confidence, decode, batch_size, workers, device, precision, runtime, fmt,
             attributes) -> None:  # fmt: skip
     """Name the class of images at every level of the tree.
 
@@ -418,7 +432,8 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
 
     paths = collect_images(inputs)
     cascade = open_cascade(models, runtime, device, precision, attributes)
-    predictions = cascade.predict(paths, batch_size, top_k, decode, min_confidence)
+    batch_size = _batch_size(batch_size, device, runtime)
+    predictions = cascade.predict(paths, batch_size, top_k, decode, min_confidence, workers)
     failed = write_predictions(predictions, fmt, cascade.tree.max_depth, top_k, sys.stdout, list(cascade.attributes))
     if failed:
         click.echo(f"{failed} of {len(paths)} image(s) could not be predicted.", err=True)
@@ -453,11 +468,12 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, device, p
 @_decode_option
 @_min_conf_option
 @_batch_option
+@_workers_option
 @_device_option
 @_precision_option
 @_runtime_option
 def evaluate(data, models, csv_file, levels, path_column, image_root, out, attributes_csv, fmt, decode,
-             min_confidence, batch_size, device, precision, runtime) -> None:  # fmt: skip
+             min_confidence, batch_size, workers, device, precision, runtime) -> None:  # fmt: skip
     """Measure the whole cascade on labelled images.
 
     DATA is a split folder from `lcpn prepare` (its end-to-end test set is used) or a labelled
@@ -496,7 +512,8 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, attri
     except NoTrainingRecord as exc:
         training = None
         click.echo(f"Not checked whether the images were used in training: {exc}.", err=True)
-    result = run_evaluate(cascade, items, out, batch_size, decode, min_confidence, excluded, training)
+    batch_size = _batch_size(batch_size, device, runtime)
+    result = run_evaluate(cascade, items, out, batch_size, decode, min_confidence, excluded, training, workers)
     metrics = result.metrics
     if metrics["n_images"] == 0:
         reasons = "; ".join(f"{reason}: {n}" for reason, n in metrics["left_out"].items())

@@ -68,7 +68,7 @@ class TrainConfig:
     init_head: str = "random"
     wise_ft: bool = False  # finetune: keep the mix of the start and fine-tuned weights that scores best on val
     device: str = "auto"
-    workers: int = 2  # finetune: image-decoding worker processes
+    workers: int = 2  # image-decoding worker processes: finetune training, features mode's embedding pass
     seed: int = 0
     head: str = "ensemble"  # features mode: "linear" (logistic regression, L2 chosen on val), "mlp", or
     # "ensemble": both, probabilities averaged (the most accurate in docs/benchmarks.md)
@@ -151,7 +151,8 @@ OPTIONS: dict[str, Option] = {
                       "of the weights for a in 0, 0.25, 0.5, 0.75, 1 and keep the best on val (WiSE-FT, "
                       "Wortsman et al. 2022).", FINETUNE, flag="--wise-ft/--no-wise-ft"),
     "device": Option(click.Choice(DEVICES), "Where to train; auto picks CUDA, then MPS, then the CPU."),
-    "workers": Option(click.IntRange(min=0), "finetune mode: image-decoding worker processes.", FINETUNE),
+    "workers": Option(click.IntRange(min=0), "Image-decoding worker processes (finetune training, features "
+                      "mode's embedding pass; 0: in this process)."),
     "seed": Option(click.INT, "Random seed."),
     "head": Option(click.Choice(HEADS), "features mode: the per-node head: a logistic regression, a bag of MLPs "
                    "(--mlp-members), or both averaged.", FEATURES),

@@ -30,7 +30,7 @@ from .cascade import DEFAULT_DECODE, Cascade, Prediction
 from .hierarchy import ROOT, ancestors, names_of
 from .metrics import NONE, attribute_scores, leaf_scores, prefix, summarize
 from .models import Batch
-from .overlap import Fingerprint, TrainingImages
+from .overlap import PHASH, Fingerprint, TrainingImages
 from .report import Outcome, confusion_plot, format_table
 from .sources import Excluded, LabelledImage
 
@@ -51,12 +51,13 @@ class EvaluationResult:
 def evaluate(
     cascade: Cascade, items: list[LabelledImage], out: Path | None = None, batch_size: int = 32,
     decode: str = DEFAULT_DECODE, min_confidence: float = 0.0, excluded: Sequence[Excluded] = (),
-    training: TrainingImages | None = None,
+    training: TrainingImages | None = None, workers: int | None = None,
 ) -> EvaluationResult:  # fmt: skip
     """Predict ``items``, compute ``metrics.json`` and, if ``out`` is given, write it with the plots.
 
     ``excluded`` are the files the source scan left out; with ``training``, the images are also
-    checked against the ones the models were trained on (``training_overlap``).
+    checked against the ones the models were trained on (``training_overlap``). ``workers``:
+    the input pipeline's processes (``feed``).
     """
     tree = cascade.tree
     left_out = [{"path": e.path, "reason": EXCLUDED_BY_SOURCE, "detail": e.reason} for e in excluded]
@@ -77,11 +78,23 @@ def evaluate(
             true_child = tree.child_towards(node, items[indices[row]].leaf)
             local_hits[node].append((tree.children[node].index(true_child), int(probs[(row, node)].argmax())))
         if training is not None:
-            fingerprints.extend(training.fingerprint(items[i].path, batch.images[row]) for row, i in enumerate(indices))
+            phashes = batch.prepared.get(PHASH) or [None] * len(indices)
+            fingerprints.extend(training.fingerprint(items[i].path, h) for i, h in zip(indices, phashes))
         extra_seconds += time.perf_counter() - t0
 
     start = time.perf_counter()
-    preds = list(cascade.predict([it.path for it in items], batch_size, 0, decode, min_confidence, on_batch=per_node))
+    preds = list(
+        cascade.predict(
+            [it.path for it in items],
+            batch_size,
+            0,
+            decode,
+            min_confidence,
+            workers,
+            on_batch=per_node,
+            extra_inputs=training.per_image() if training else None,
+        )
+    )
     seconds = time.perf_counter() - start - extra_seconds
     pairs = [(it, p) for it, p in zip(items, preds) if p.error is None]
     left_out += [{"path": p.image, "reason": UNREADABLE, "detail": p.error} for p in preds if p.error is not None]

@@ -45,9 +45,9 @@ from .attributes import ATTRIBUTES_FOLDER
 from .config import TrainConfig
 from .devices import bf16_supported, resolve_device, training_note
 from .embedding_store import EmbeddingStore
+from .feed import feed
 from .fsio import file_sha256
 from .hierarchy import Hierarchy
-from .images import ImageError, open_rgb
 from .nodes import NodeData, TrainError, finish_node
 from .progress import progress
 from .recipe import class_weights, data_config_for, seed_everything, warmup_cosine
@@ -61,20 +61,32 @@ log = logging.getLogger(__name__)
 SHARD_IMAGES = 1024  # images per shard of the embedding store: a killed run loses at most this many
 MLP_HIDDEN = 256  # as accurate as 512 on the catalogue benchmark, and faster to train
 MLP_BATCH = 128  # 256 was slower per epoch on a 2-core CPU (docs/benchmarks.md)
-# How _view makes each view; part of the embedding key, so change it with _view. The train transform's
+# How _Views makes each view; part of the embedding key, so change it with _Views.view. The train transform's
 # own description is in the row ids of the views it makes (``_row_id``): changing the augmentation
 # recomputes those views only, not a whole store of plain and mirrored views.
 VIEW_RECIPE = "0: eval transform; 1: mirror, eval transform; n >= 2: train transform seeded by sha256[:8] + n"
 
 
 # --- embedding ----------------------------------------------------------------------------------
-def _view(image: Image.Image, view: int, sha: str, backbone: SharedBackbone) -> torch.Tensor:
-    if view == 0:
-        return backbone.transform(image)
-    if view == 1:
-        return backbone.transform(ImageOps.mirror(image))
-    torch.manual_seed(int(sha[:8], 16) + view)  # the same crop for the same image every run
-    return train_transform(backbone.data)(image)
+@dataclass(frozen=True)
+class _Views:
+    """The embedding pass's ``feed.Prepare``: the missing views of each image, stacked (picklable)."""
+
+    shas: list[str]  # per source
+    views: list[list[int]]  # per source, the views to compute
+    transform: Callable  # view 0: the eval transform
+    crops: Callable  # views 2+: the train transform
+
+    def __call__(self, picture: Image.Image, index: int) -> dict[str, torch.Tensor]:
+        return {"views": torch.stack([self.view(picture, v, self.shas[index]) for v in self.views[index]])}
+
+    def view(self, picture: Image.Image, view: int, sha: str) -> torch.Tensor:
+        if view == 0:
+            return self.transform(picture)
+        if view == 1:
+            return self.transform(ImageOps.mirror(picture))
+        torch.manual_seed(int(sha[:8], 16) + view)  # the same crop for the same image every run
+        return self.crops(picture)
 
 
 def _row_id(sha: str, view: int, augmentation: str) -> str:
@@ -93,11 +105,13 @@ def embed_images(
     store: EmbeddingStore,
     views: int | Mapping[str, int] = 1,
     batch_size: int = 32,
+    workers: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """{path: (views, dim) embeddings} for every readable path, computing only what the store lacks.
 
     ``views`` is the number of views for every path, or per path (missing paths get the plain view).
     New embeddings go to the store a shard at a time, so a killed run resumes where it stopped.
+    ``workers``: the input pipeline's processes (``feed``).
     """
     count = (lambda p: views.get(p, 1)) if isinstance(views, Mapping) else (lambda p: views)
     row_id = functools.partial(_row_id, augmentation=augmentation_id(backbone))
@@ -109,7 +123,8 @@ def embed_images(
                    if any(row_id(s, v) not in store for v in range(wanted_views[s]))}.items())  # fmt: skip
     if todo:
         log.info("embedding %d images (%d stored)", len(todo), len(paths) - len(todo))
-        _embed_missing(todo, wanted_views, backbone, store, batch_size, row_id)
+        missing = [[v for v in range(wanted_views[s]) if row_id(s, v) not in store] for s, _ in todo]
+        _embed_missing(todo, missing, backbone, store, batch_size, workers, row_id)
     return {
         p: torch.from_numpy(np.stack([store[row_id(s, v)] for v in range(count(p))]))
         for p, s in shas.items()
@@ -130,42 +145,33 @@ def _hash_files(paths: Sequence[str]) -> dict[str, str]:
 
 def _embed_missing(
     todo: list[tuple[str, str]],
-    wanted_views: dict[str, int],
+    missing: list[list[int]],
     backbone: SharedBackbone,
     store: EmbeddingStore,
     batch_size: int,
+    workers: int | None,
     row_id: Callable[[str, int], str],
 ) -> None:
-    """Embed the missing views of ``todo`` ((sha, path) pairs), adding a shard every SHARD_IMAGES images."""
+    """Embed the ``missing`` views of ``todo`` ((sha, path) pairs), adding a shard every SHARD_IMAGES images."""
+    prepare = _Views([s for s, _ in todo], missing, backbone.transform, train_transform(backbone.data))
     bar = progress(len(todo), "embedding images")
     ids: list[str] = []
     rows: list[np.ndarray] = []
     images_since_shard = 0
-    with ThreadPoolExecutor(4) as pool:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            opened = list(pool.map(_open_or_none, [p for _, p in chunk]))
-            wanted = [(s, v, im) for (s, _), im in zip(chunk, opened) if im is not None
-                      for v in range(wanted_views[s]) if row_id(s, v) not in store]  # fmt: skip
-            if wanted:
-                x = torch.stack([_view(im, v, s, backbone) for s, v, im in wanted])
-                rows.append(backbone.runtime.run(backbone.embedder, x).cpu().numpy())
-                ids += [row_id(s, v) for s, v, _ in wanted]
-            images_since_shard += len(chunk)
-            bar.update(len(chunk))
-            if images_since_shard >= SHARD_IMAGES or start + batch_size >= len(todo):
-                if ids:
-                    store.add(ids, np.concatenate(rows))
-                ids, rows, images_since_shard = [], [], 0
+    for fed in feed([p for _, p in todo], batch_size, prepare, workers, pin_memory=True):
+        for i, exc in fed.errors.items():
+            log.warning("skipping %s: %s", todo[i][1], exc)
+        if fed.opened:
+            stacked = fed.inputs["views"]  # (images, views, C, H, W), or a list when images need different views
+            x = stacked.flatten(0, 1) if isinstance(stacked, torch.Tensor) else torch.cat(stacked)
+            rows.append(backbone.embed(x).numpy())
+            ids += [row_id(todo[i][0], v) for i in fed.opened for v in missing[i]]
+        images_since_shard += len(fed.indices)
+        bar.update(len(fed.indices))
+        if ids and (images_since_shard >= SHARD_IMAGES or fed.indices[-1] == len(todo) - 1):
+            store.add(ids, np.concatenate(rows))
+            ids, rows, images_since_shard = [], [], 0
     bar.close()
-
-
-def _open_or_none(path: str) -> Image.Image | None:
-    try:
-        return open_rgb(path)
-    except ImageError as exc:
-        log.warning("skipping %s: %s", path, exc)
-        return None
 
 
 # --- heads ---------------------------------------------------------------------------------------
@@ -240,6 +246,10 @@ def fit_head(
 
 
 C_GRID = (0.01, 0.03, 0.1, 1.0)  # inverse L2 strength, on standardised embeddings
+# BLAS threads of the logistic regression (threadpoolctl). One thread fitted the 9k catalogue's root node
+# in 9-11 s where two took 76-84 s on a busy 2-core CPU (docs/benchmarks.md), and nodes fitted side by side
+# (JOBS=N, Ray) then never oversubscribe the cores.
+LINEAR_THREADS = 1
 
 
 def _fit_linear(
@@ -260,34 +270,36 @@ def _fit_linear(
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
+    from threadpoolctl import threadpool_limits
 
     xt, yt, xv, yv = hd.x_train.numpy(), hd.y_train.numpy(), hd.x_val.numpy(), hd.y_val.numpy()
     labels = list(range(n_classes))
     weights = None
     if config.linear_class_weights:
         weights = class_weights(np.bincount(yt, minlength=n_classes).tolist()).numpy()  # as the MLPs: train counts
-    clf = LogisticRegression(max_iter=3000, warm_start=True)
-    history, best = [], None
-    for i, c in enumerate(C_GRID, start=1):
-        clf.set_params(C=c).fit(xt, yt, sample_weight=None if weights is None else weights[yt])
-        pv, pt = _full_proba(clf, xv, n_classes), _full_proba(clf, xt, n_classes)
-        entry = {
-            "epoch": i, "C": c, "train_acc": float((pt.argmax(1) == yt).mean()),
-            "train_loss": float(log_loss(yt, pt, labels=labels)), "val_acc": float((pv.argmax(1) == yv).mean()),
-            "val_loss": float(log_loss(yv, pv, labels=labels)), "best": False,
-        }  # fmt: skip
-        history.append(entry)
-        if best is None or (entry["val_loss"], -entry["val_acc"]) < (best[0]["val_loss"], -best[0]["val_acc"]):
-            best = (entry, copy.deepcopy(clf), pv)
-    entry, clf, pv = best
-    entry["best"], spec["C"] = True, entry["C"]
-    note = ""
-    if config.refit and hd.evaluated_on == "val":
-        note = "figures from the fit on train alone; the saved logistic regression was refit on train + val"
-        y_all = np.concatenate([yt, yv])
-        if len(np.unique(y_all)) != len(clf.classes_):  # a class seen in val only: no solution to start from
-            clf.set_params(warm_start=False)
-        clf.fit(np.concatenate([xt, xv]), y_all, sample_weight=None if weights is None else weights[y_all])
+    with threadpool_limits(limits=LINEAR_THREADS, user_api="blas"):
+        clf = LogisticRegression(max_iter=3000, warm_start=True)
+        history, best = [], None
+        for i, c in enumerate(C_GRID, start=1):
+            clf.set_params(C=c).fit(xt, yt, sample_weight=None if weights is None else weights[yt])
+            pv, pt = _full_proba(clf, xv, n_classes), _full_proba(clf, xt, n_classes)
+            entry = {
+                "epoch": i, "C": c, "train_acc": float((pt.argmax(1) == yt).mean()),
+                "train_loss": float(log_loss(yt, pt, labels=labels)), "val_acc": float((pv.argmax(1) == yv).mean()),
+                "val_loss": float(log_loss(yv, pv, labels=labels)), "best": False,
+            }  # fmt: skip
+            history.append(entry)
+            if best is None or (entry["val_loss"], -entry["val_acc"]) < (best[0]["val_loss"], -best[0]["val_acc"]):
+                best = (entry, copy.deepcopy(clf), pv)
+        entry, clf, pv = best
+        entry["best"], spec["C"] = True, entry["C"]
+        note = ""
+        if config.refit and hd.evaluated_on == "val":
+            note = "figures from the fit on train alone; the saved logistic regression was refit on train + val"
+            y_all = np.concatenate([yt, yv])
+            if len(np.unique(y_all)) != len(clf.classes_):  # a class seen in val only: no solution to start from
+                clf.set_params(warm_start=False)
+            clf.fit(np.concatenate([xt, xv]), y_all, sample_weight=None if weights is None else weights[y_all])
     _load_linear(layer, clf, n_classes)
     return history, torch.as_tensor(pv, dtype=torch.float32), note
 
@@ -324,6 +336,7 @@ def _fit_mlps(
     the logistic regression is refit), so the val figures and curves are the first member's.
     """
     members = list(body.branches) if isinstance(body, artefacts.ProbabilityAverage) else [body]
+    hd = _to_device(hd, resolve_device(config.device))
     history, proba = _fit_mlp(members[0], hd, n_classes, config, config.seed)
     if len(members) == 1:
         return history, proba, "an MLP"
@@ -348,16 +361,26 @@ def _fit_mlps(
     return history, proba, f"{len(runs)} MLPs (val accuracy {accs}; the curves are the first one's)"
 
 
+def _to_device(hd: HeadData, device: torch.device) -> HeadData:
+    """The embeddings and labels on the device the MLPs train on (the GPU when there is one)."""
+    moved = {f: getattr(hd, f).to(device) for f in ("x_train", "y_train", "x_val", "y_val")}
+    return dataclasses.replace(hd, **moved)
+
+
 def _fit_mlp(
     mlp: nn.Sequential, hd: HeadData, n_classes: int, config: TrainConfig, seed: int, epochs: int | None = None
 ) -> tuple[list[dict], torch.Tensor | None]:
     """A small MLP trained with AdamW, warm-up + cosine, label smoothing; best val epoch restored.
 
+    It trains on the device of ``hd``'s tensors and comes back to the CPU, as do the val probabilities.
     With ``epochs`` it stops after that many epochs of the usual schedule and keeps the last
     weights, without looking at val (for a refit on train + val); the val probabilities are None.
     """
+    device = hd.x_train.device
+    mlp.to(device)
     counts = torch.bincount(hd.y_train, minlength=n_classes).tolist()
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(counts), label_smoothing=config.label_smoothing)
+    weights = class_weights(counts).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)  # unweighted, as in train.py
     resolved = config.resolved()  # --lr and weight_decay as given, else features mode's defaults
     optimizer = torch.optim.AdamW(mlp.parameters(), lr=resolved.lr, weight_decay=resolved.weight_decay)
@@ -370,8 +393,10 @@ def _fit_mlp(
     history, best, best_state = [], None, None
     for epoch in range(1, (epochs or config.head_epochs) + 1):
         mlp.train()
-        order = torch.randperm(len(hd.x_train), generator=generator)
-        total, correct = 0.0, 0
+        order = torch.randperm(len(hd.x_train), generator=generator).to(device)  # drawn on the CPU: same order anywhere
+        # Summed where they are: a .item() per step would wait for the GPU at every step.
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
         for idx in order.split(batch):
             logits = mlp(hd.x_train[idx])
             loss = loss_fn(logits, hd.y_train[idx])
@@ -379,9 +404,9 @@ def _fit_mlp(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item() * len(idx)
-            correct += (logits.argmax(1) == hd.y_train[idx]).sum().item()
-        entry = {"epoch": epoch, "train_loss": total / len(order), "train_acc": correct / len(order),
+            total += loss.detach().double() * len(idx)
+            correct += (logits.argmax(1) == hd.y_train[idx]).sum()
+        entry = {"epoch": epoch, "train_loss": total.item() / len(order), "train_acc": correct.item() / len(order),
                  "lr": scheduler.get_last_lr()[0]}  # fmt: skip
         history.append(entry)
         if epochs:
@@ -398,10 +423,13 @@ def _fit_mlp(
         entry.update(val_loss=val_loss, val_acc=val_acc, best=improved)
     mlp.eval()
     if epochs:
+        mlp.to("cpu")
         return history, None
     mlp.load_state_dict(best_state)
     with torch.no_grad():
-        return history, mlp(hd.x_val).softmax(1)
+        proba = mlp(hd.x_val).softmax(1).cpu()
+    mlp.to("cpu")
+    return history, proba
 
 
 # --- all nodes -----------------------------------------------------------------------------------
@@ -522,7 +550,7 @@ class FeaturesMode:
         paths = sorted(views)
         store = self.store(key)
         t0 = time.perf_counter()
-        self.feats = embed_images(paths, backbone, store, views, config.batch_size) if paths else {}
+        self.feats = embed_images(paths, backbone, store, views, config.batch_size, config.workers) if paths else {}
         log.info("embeddings ready in %.1f s", time.perf_counter() - t0)
         self.backbone = backbone
 

@@ -16,10 +16,8 @@ precision, else float32. ``auto``, ``bf16`` and ``fp32`` override that for every
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,7 +30,7 @@ from .artefacts import ArtefactError, NodeInfo
 from .attributes import AttributeSpec, read_specs
 from .devices import resolve_device, want_bf16
 from .hierarchy import Hierarchy, names_of
-from .runtime import Runtime, SharedBackbone, recorded_precision
+from .runtime import Runtime, SharedBackbone, pixels_key, recorded_precision
 
 AS_TRAINED = "as-trained"
 PRECISIONS = (AS_TRAINED, "auto", "bf16", "fp32")
@@ -40,19 +38,36 @@ BACKBONE_FOLDER = "backbone"
 
 
 class Batch:
-    """The images of one batch, with per-image inputs computed once and cached by key."""
+    """The rows of one batch and their per-image inputs, each computed once and cached by key.
 
-    def __init__(self, images: Sequence[Any]) -> None:
+    Per-image inputs (a transform's pixels) come prepared by the input pipeline (``prepared``:
+    per key, the rows' values, one stacked tensor for pixels), or are computed here from ``images``
+    (decoded pictures, as the server hands them over). Values derived from them (embeddings) are
+    cached per row with ``inputs``.
+    """
+
+    def __init__(self, images: Sequence[Any] = (), prepared: Mapping[Hashable, Any] | None = None) -> None:
         self.images = list(images)
+        self.prepared = dict(prepared or {})
+        self.size = len(next(iter(self.prepared.values()))) if self.prepared else len(self.images)
         self._cache: dict[Any, dict[int, torch.Tensor]] = defaultdict(dict)
 
-    def inputs(self, key: Any, rows: Sequence[int], compute: Callable[[list[Any]], torch.Tensor]) -> torch.Tensor:
+    def inputs(self, key: Any, rows: Sequence[int], compute: Callable[[list[int]], Sequence[torch.Tensor]]
+               ) -> torch.Tensor:  # fmt: skip
+        """The rows' values of ``key``, stacked; ``compute`` gets the rows not yet cached."""
         cache = self._cache[key]
         missing = [r for r in rows if r not in cache]
         if missing:
-            for r, value in zip(missing, compute([self.images[r] for r in missing])):
+            for r, value in zip(missing, compute(missing)):
                 cache[r] = value
         return torch.stack([cache[r] for r in rows])
+
+    def per_image(self, key: Hashable, fn: Callable[[Any], torch.Tensor], rows: Sequence[int]) -> torch.Tensor:
+        """``fn`` of the rows' pictures, stacked: as the input pipeline prepared it, else computed here."""
+        if key not in self.prepared:
+            return self.inputs(key, rows, lambda missing: [fn(self.images[r]) for r in missing])
+        values = self.prepared[key]
+        return values if list(rows) == list(range(self.size)) else values[list(rows)]
 
 
 class NodeModel(Protocol):
@@ -61,6 +76,9 @@ class NodeModel(Protocol):
     def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         """Child probabilities, shape (len(rows), len(classes))."""
 
+    def per_image(self) -> dict[Hashable, Callable]:
+        """The per-image inputs ``probs`` reads from a batch, by key: picklable functions of a picture."""
+
 
 @dataclass
 class ConstantNode:
@@ -68,6 +86,9 @@ class ConstantNode:
 
     def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         return torch.ones(len(rows), 1)
+
+    def per_image(self) -> dict[Hashable, Callable]:
+        return {}
 
 
 @dataclass
@@ -81,10 +102,13 @@ class NetworkNode:
 
     def __post_init__(self) -> None:
         # Nodes share pixels only when their transforms are the same, whatever their data configs say.
-        self.pixels_key = ("pixels", hashlib.sha256(pickle.dumps(self.transform)).hexdigest())
+        self.pixels_key = pixels_key(self.transform)
+
+    def per_image(self) -> dict[Hashable, Callable]:
+        return {self.pixels_key: self.transform}
 
     def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
-        x = batch.inputs(self.pixels_key, rows, lambda ims: torch.stack([self.transform(im) for im in ims]))
+        x = batch.per_image(self.pixels_key, self.transform, rows)
         return self.runtime.run(self.network, x).softmax(1).cpu()
 
 
@@ -94,15 +118,22 @@ class HeadNode:
     head: torch.nn.Module
     backbone: SharedBackbone
 
+    def per_image(self) -> dict[Hashable, Callable]:
+        return self.backbone.per_image()
+
     def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         # The root asks for every image first, so the whole batch is embedded in one pass.
-        feats = batch.inputs("features", rows, self.backbone.embed)
+        probs = self._probs(batch, rows, self.backbone.transform)
+        if self.backbone.test_flips:
+            probs = (probs + self._probs(batch, rows, self.backbone.mirrored)) / 2
+        return probs
+
+    def _probs(self, batch: Batch, rows: Sequence[int], transform: Callable) -> torch.Tensor:
+        key = pixels_key(transform)
+        feats = batch.inputs(("features", key), rows, lambda missing: self.backbone.embed(
+            batch.per_image(key, transform, missing)))  # fmt: skip
         with torch.inference_mode():
-            probs = self.head(feats).float().softmax(1)
-            if self.backbone.test_flips:
-                mirrored = batch.inputs("features of the mirror image", rows, self.backbone.embed_mirrored)
-                probs = (probs + self.head(mirrored).float().softmax(1)) / 2
-            return probs
+            return self.head(feats).float().softmax(1)
 
 
 @dataclass
@@ -114,6 +145,9 @@ class AttributeModel:
 
     def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         return self.model.probs(batch, rows)
+
+    def per_image(self) -> dict[Hashable, Callable]:
+        return self.model.per_image()
 
 
 @dataclass

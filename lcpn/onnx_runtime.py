@@ -11,10 +11,9 @@ cached together: the features graph answers every node from that one run.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +24,7 @@ from .artefacts import ArtefactError
 from .export import FORMAT, FORMAT_VERSION, INPUT, MANIFEST
 from .hierarchy import Hierarchy
 from .models import Batch, ConstantNode, NodeModel, read_tree
+from .runtime import pixels_key
 from .transforms import DataConfig, eval_transform
 
 
@@ -34,12 +34,18 @@ class OnnxGraph:
     def __init__(self, path: Path, data: DataConfig, outputs: Sequence[str]) -> None:
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.transform = eval_transform(data)
+        self.pixels_key = pixels_key(self.transform)
         self.outputs = list(outputs)
         self.key = ("onnx", str(path))
 
-    def run(self, images: Sequence[Any]) -> torch.Tensor:
-        x = np.stack([self.transform(im).numpy() for im in images])
+    def run(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(pixels.numpy())
         return torch.from_numpy(np.concatenate(self.session.run(self.outputs, {INPUT: x}), 1))
+
+    def outputs_of(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
+        """All the graph's outputs for the rows, each image run once per batch."""
+        return batch.inputs(self.key, rows, lambda missing: self.run(batch.per_image(
+            self.pixels_key, self.transform, missing)))  # fmt: skip
 
 
 @dataclass
@@ -51,7 +57,10 @@ class OnnxNode:
     columns: slice
 
     def probs(self, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
-        return batch.inputs(self.graph.key, rows, self.graph.run)[:, self.columns]
+        return self.graph.outputs_of(batch, rows)[:, self.columns]
+
+    def per_image(self) -> dict[Hashable, Callable]:
+        return {self.graph.pixels_key: self.graph.transform}
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -10,7 +10,7 @@ do not.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from . import fsio
 from .duplicates import near_pairs, perceptual_hash
 
 SEEN_SIDES = ("train", "val")
+PHASH = "perceptual hash"  # the key of each picture's hash among a batch's per-image inputs
 
 
 class NoTrainingRecord(Exception):
@@ -54,10 +55,13 @@ class TrainingImages:
         phash = [r["phash"] for r in seen] if seen and all(r.get("phash") for r in seen) else None
         return cls(split, {r["sha256"] for r in seen}, phash)
 
-    def fingerprint(self, path: str, picture: Image.Image) -> Fingerprint:
+    def per_image(self) -> dict[str, Callable[[Image.Image], str]]:
+        """What ``fingerprint`` needs of each decoded picture, by key: its perceptual hash if the split has them."""
+        return {PHASH: perceptual_hash} if self.phash is not None else {}
+
+    def fingerprint(self, path: str, phash: str | None) -> Fingerprint:
         """What ``count`` compares of one evaluation image (its perceptual hash only if the split has them)."""
-        sha = fsio.file_sha256(path)
-        return Fingerprint(sha, perceptual_hash(picture) if self.phash is not None else None)
+        return Fingerprint(fsio.file_sha256(path), phash if self.phash is not None else None)
 
     def count(self, fingerprints: Sequence[Fingerprint]) -> dict:
         """How many images are training files (``exact``) or near-duplicates of one (``near``)."""

@@ -147,7 +147,8 @@ class _EmbeddingActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         views = {str(p): int(v) for p, v in zip(batch["path"], batch["views"])}
-        embedded = embed_images(list(views), self.backbone, self.store, views, self.batch_size)
+        # Ray Data already runs an actor per CPU (or GPU): decode here, not in more processes of its own
+        embedded = embed_images(list(views), self.backbone, self.store, views, self.batch_size, workers=0)
         return {"embedded": np.array([len(embedded)])}
 
 

@@ -7,15 +7,21 @@ so they live apart from either side.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import hashlib
+import pickle
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import ImageOps
 
 from . import backbones
-from .transforms import DataConfig, eval_transform
+from .transforms import DataConfig, Mirrored, eval_transform
+
+
+def pixels_key(transform: Callable) -> tuple[str, str]:
+    """The key of a transform's output among a batch's per-image inputs: equal transforms share it."""
+    return ("pixels", hashlib.sha256(pickle.dumps(transform)).hexdigest())
 
 
 @dataclass
@@ -55,12 +61,16 @@ class SharedBackbone:
 
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.data)
+        self.mirrored = Mirrored(self.transform)
 
-    def embed(self, images: list[Any]) -> torch.Tensor:
-        return self.runtime.run(self.embedder, torch.stack([self.transform(im) for im in images])).cpu()
+    def per_image(self) -> dict[Hashable, Callable]:
+        """The pixels the embedding reads, by key: the eval transform, and its mirror image with test flips."""
+        views = [self.transform, self.mirrored] if self.test_flips else [self.transform]
+        return {pixels_key(t): t for t in views}
 
-    def embed_mirrored(self, images: list[Any]) -> torch.Tensor:
-        return self.embed([ImageOps.mirror(im) for im in images])
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embeddings of a batch of transformed pictures, on the CPU."""
+        return self.runtime.run(self.embedder, pixels).cpu()
 
 
 def recorded_precision(backbone_config: Mapping[str, Any]) -> str:

@@ -88,6 +88,19 @@ def train_transform(cfg: DataConfig, augment: bool = True) -> T.Compose:
     )
 
 
+class Mirrored:
+    """A transform of the picture's mirror image (test flips): a class, so that it pickles into worker processes."""
+
+    def __init__(self, transform: T.Compose) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Image.Image):
+        return self.transform(ImageOps.mirror(image))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r})"
+
+
 def inv_normalize(cfg: DataConfig) -> T.Normalize:
     """Maps a normalised tensor back to [0, 1] pixels, for showing what the network saw."""
     return T.Normalize([-m / s for m, s in zip(cfg.mean, cfg.std)], [1 / s for s in cfg.std])

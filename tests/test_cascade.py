@@ -80,15 +80,18 @@ class StubNode:
         self.node, self.calls = node, calls
         self.classes = [names_of(c)[-1] for c in TREE.children[node]]
 
+    def per_image(self):
+        return {"id": image_id}
+
     def probs(self, batch, rows):
-        ids = [image_id(batch.images[r]) for r in rows]
+        ids = batch.per_image("id", image_id, rows).tolist()
         self.calls.append((self.node, ids))
         return torch.tensor([table(self.node, i) for i in ids])
 
 
 def image_id(image):
-    """Images are ids, or pictures whose first pixel's red value is the id."""
-    return image if isinstance(image, int) else image.getpixel((0, 0))[0]
+    """Images are ids, or pictures whose first pixel's red value is the id (as the input pipeline sees them)."""
+    return torch.tensor(image if isinstance(image, int) else image.getpixel((0, 0))[0])
 
 
 @pytest.fixture

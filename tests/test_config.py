@@ -50,7 +50,6 @@ def test_each_mode_has_its_own_defaults_and_an_explicit_value_wins():
     [
         ({}, {"mode": "finetune", "head": "mlp"}, ["--head applies only to features mode, not to finetune mode"]),
         ({}, {"mode": "features", "epochs": 3}, ["--epochs applies only to finetune mode"]),
-        ({}, {"mode": "features", "workers": 4}, ["--workers applies only to finetune mode"]),
         ({}, {"mode": "features", "head": "linear", "lr": 0.1}, ["--lr", "not to features mode with --head linear"]),
         ({"patience": 2}, {"mode": "features"}, ["'lcpn.toml' key patience applies only to finetune mode"]),
     ],
@@ -65,8 +64,8 @@ def test_options_the_mode_does_not_read_are_refused(file_options, flags, words):
 def test_options_the_mode_reads_are_accepted():
     config = make_config({"epochs": 2}, {"lr": 0.01, "head": None})
     assert (config.mode, config.epochs, config.lr) == ("finetune", 2, 0.01)
-    features = make_config({}, {"mode": "features", "head": "mlp", "lr": 0.01, "head_epochs": 3})
-    assert (features.lr, features.head_epochs) == (0.01, 3)
+    features = make_config({}, {"mode": "features", "head": "mlp", "lr": 0.01, "head_epochs": 3, "workers": 4})
+    assert (features.lr, features.head_epochs, features.workers) == (0.01, 3, 4)  # workers: the embedding pass
 
 
 def test_training_key_holds_only_the_options_the_mode_reads():

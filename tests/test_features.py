@@ -153,6 +153,28 @@ def test_class_weights_make_the_logistic_regression_favour_a_rare_class():
     assert mean_rare_probability[1] > mean_rare_probability[0] + 0.05
 
 
+def test_the_logistic_regression_runs_on_one_blas_thread(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen, fit = [], LogisticRegression.fit
+
+    def recording_fit(self, *args, **kwargs):
+        seen.append({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", recording_fit)
+    rng = np.random.default_rng(2)
+    labels = [(i // 2) % 2 for i in range(40)]  # both classes in train (even rows) and in val
+    feats = {f"{i}.jpg": torch.from_numpy(rng.normal(y, 1, (1, 4)).astype(np.float32)) for i, y in enumerate(labels)}
+    pairs = list(zip(feats, labels))
+    data = NodeData("n", ["a", "b"], pairs[::2], pairs[1::2], "")
+    config = TrainConfig(mode="features", head="linear").resolved()
+    stub = NodeInfo(node="n", classes=data.classes, mode="features", head=head_spec(config, 4))
+    with threadpool_limits(2):  # whatever the process allows
+        fit_head(data, feats, stub, config)
+    assert len(seen) == 5 and all(s == {1} for s in seen)  # the grid of four and the refit
+
+
 def test_a_class_with_val_images_only_joins_the_refit_logistic_regression():
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.normal(3 * k, 1, (20, 4)) for k in range(3)]).astype(np.float32)
@@ -469,8 +491,9 @@ def test_test_flips_average_the_heads_over_each_picture_and_its_mirror(split, tm
     root = nodes[""]
     pictures = [open_rgb(p) for p in paths]
     with torch.no_grad():
-        plain = root.head(root.backbone.embed(pictures)).softmax(1)
-        mirror = root.head(root.backbone.embed([ImageOps.mirror(p) for p in pictures])).softmax(1)
+        plain = root.head(root.backbone.embed(torch.stack([root.backbone.transform(p) for p in pictures]))).softmax(1)
+        mirrored = torch.stack([root.backbone.transform(ImageOps.mirror(p)) for p in pictures])
+        mirror = root.head(root.backbone.embed(mirrored)).softmax(1)
     expected = (plain + mirror) / 2
     assert not torch.allclose(plain, mirror)  # the mirror image is another input
     chosen = [expected[i, root.classes.index(p.path[0])].item() for i, p in enumerate(flipped)]

@@ -19,15 +19,23 @@ from lcpn.runtime import Runtime
 def test_batch_caches_inputs():
     seen = []
 
-    def compute(items):
-        seen.append(list(items))
-        return torch.tensor([[float(i)] for i in items])
+    def compute(rows):
+        seen.append(list(rows))
+        return torch.tensor([[float(batch.images[r])] for r in rows])
 
     batch = Batch([10, 11, 12])
     batch.inputs("k", [0, 2], compute)
     out = batch.inputs("k", [2, 1, 0], compute)
-    assert seen == [[10, 12], [11]]
+    assert seen == [[0, 2], [1]]
     assert out.squeeze(1).tolist() == [12.0, 11.0, 10.0]
+
+
+def test_batch_takes_per_image_inputs_from_the_pipeline_or_computes_them():
+    prepared = Batch(prepared={"double": torch.tensor([20.0, 22.0, 24.0])})
+    assert prepared.size == 3
+    assert prepared.per_image("double", None, [2, 0]).tolist() == [24.0, 20.0]
+    computed = Batch([10, 11, 12])
+    assert computed.per_image("double", lambda i: torch.tensor(2.0 * i), [2, 0]).tolist() == [24.0, 20.0]
 
 
 class MeanPixel(torch.nn.Module):

@@ -89,6 +89,20 @@ def test_formats(models, tmp_path):
     assert float(table[1][5]) == pytest.approx(float(table[1][3]) * float(table[1][4]), abs=1e-5)
 
 
+def test_worker_processes_predict_what_the_calling_process_predicts(models, tmp_path):
+    for i in range(5):
+        write_image(tmp_path / f"{i}.jpg", size=24)
+    (tmp_path / "2b.jpg").write_bytes(b"\xff\xd8\xff cut short")  # a bad file inside a worker's batch
+    outputs = [
+        run("predict", tmp_path, "--models", models, "--format", "json", "--batch-size", "2", "--workers", w)
+        for w in (0, 2)
+    ]
+    assert outputs[0].exit_code == outputs[1].exit_code == 1
+    assert outputs[0].stdout == outputs[1].stdout
+    lines = [json.loads(line) for line in outputs[1].stdout.splitlines()]
+    assert [line["error"] is None for line in lines] == [True, True, True, False, True, True]  # 2b.jpg is bad
+
+
 def test_writers_pad_short_paths_and_count_failures():
     preds = [
         Prediction("a.jpg", ["b"], [0.9], 0.9, [{"path": ["b", "u"], "probability": 0.5}], stopped_early=True),
