@@ -553,18 +553,25 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, attri
 @click.option(
     "--quantize",
     type=click.Choice(["int8"]),
-    help="int8: static quantisation of the convolutions (per-channel weights, activations calibrated on images): "
-    "smaller and faster, but its paths differ from float32's on a fifth of the images measured (docs/benchmarks.md).",
+    help="int8: static quantisation of the backbone (per-channel weights, activations calibrated on images; the "
+    "heads stay float32): smaller and faster; how often its paths equal float32's: docs/benchmarks.md.",
 )
 @click.option(
     "--calibration",
     type=click.Path(path_type=Path),
-    help="With --quantize: a folder of images to calibrate on [default: 64 images of the split the models were "
-    "trained on].",
+    help="With --quantize: a prepared split (its train images) or a folder of images to calibrate on "
+    "[default: the split the models were trained on].",
+)
+@click.option(
+    "--calibration-images",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="With --quantize: how many calibration images, spread over the split's leaves or the folder.",
 )
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 20), help="ONNX opset to write.")
 def export_command(models: Path, out: Path, fmt: str, quantize: str | None, calibration: Path | None,
-                   opset: int) -> None:  # fmt: skip
+                   calibration_images: int, opset: int) -> None:  # fmt: skip
     """Export a model folder to ONNX, for runtimes without PyTorch.
 
     Features mode becomes one graph (lcpn.onnx): the shared backbone and every node's head, one
@@ -574,13 +581,11 @@ def export_command(models: Path, out: Path, fmt: str, quantize: str | None, cali
     Serve the folder with `lcpn predict --runtime onnx --models OUT`, or from any ONNX runtime.
     """
     from .export import export
-    from .feed import collect_images
 
     if calibration is not None and quantize is None:
         raise click.UsageError("--calibration is read only with --quantize int8.")
-    images = collect_images([calibration]) if calibration is not None else None
     start = time.perf_counter()
-    manifest = export(models, out, quantize, opset, images)
+    manifest = export(models, out, quantize, opset, calibration, calibration_images)
     for name in manifest["models"]:
         click.echo(f"{out / name}  {(out / name).stat().st_size / 2**20:.1f} MiB")
     click.echo(f"Exported {len(manifest['nodes'])} node(s) to {out} in {time.perf_counter() - start:.1f} s.")

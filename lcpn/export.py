@@ -13,11 +13,14 @@ square). Beside the files: the model folder's ``hierarchy.json`` and ``manifest.
 with their sha256, each node's classes and output, the lcpn version), which ``onnx_runtime``
 checks before it serves anything.
 
-``--quantize int8`` is static QDQ quantisation of the convolutions (per-channel weights, activations
-calibrated with min/max on images of the models' own split); the pooled embedding, its
-standardisation and the heads, a small share of the work, stay float32. It costs accuracy: on
-dataset_example's features model (EfficientNet-Lite0) 78% of the test paths equal float32's
-(docs/benchmarks.md), so the float32 export is the one to serve.
+``--quantize int8`` is static QDQ quantisation of the backbone (per-channel weights, activations
+calibrated with min/max on train images of the models' own split); the pooled embedding, its
+standardisation and the heads, a small share of the work, stay float32. Two settings decide its
+accuracy on EfficientNet: every backbone operator is quantised, so ReLU6 folds into its
+convolution's output range (quantising the convolutions alone spends most of the 256 levels on
+negative values that ReLU6 then clips); and weights keep 7 bits, because CPUs without VNNI (AVX2)
+multiply uint8 by int8 in 16-bit sums that saturate with 8-bit weights (onnxruntime's
+``reduce_range``). docs/benchmarks.md has what it keeps of float32's paths.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 
 from . import __version__, artefacts, fsio
 from .errors import LcpnError
+from .feed import collect_images
 from .hierarchy import Hierarchy
 from .images import ImageError, open_rgb
 from .models import ConstantNode, HeadNode, NetworkNode, NodeModel, load_models
@@ -52,7 +56,7 @@ FORMAT_VERSION = 1
 DEFAULT_OPSET = 17
 OPSETS = (13, 20)  # the range torch's ONNX exporter writes and onnxruntime runs
 QUANTIZE = ("int8",)
-CALIBRATION_IMAGES = 64  # enough for stable min/max ranges; each costs one backbone pass
+CALIBRATION_IMAGES = 64  # enough for stable min/max ranges; onnxruntime holds every activation of each (~100 MB)
 
 
 class ExportError(LcpnError):
@@ -72,6 +76,7 @@ class Graph:
     module: nn.Module
     data: DataConfig
     outputs: list[str] = field(default_factory=list)
+    backbone: str = ""  # the ONNX node-name prefix of the convolutional part, the part int8 quantises
 
 
 class FeaturesGraph(nn.Module):
@@ -102,22 +107,23 @@ def graphs(models: Path, tree: Hierarchy, nodes: dict[str, NodeModel]) -> list[G
     if heads:
         backbone = next(iter(heads.values())).backbone
         module = FeaturesGraph(backbone.embedder, [m.head for m in heads.values()], backbone.test_flips)
-        out.append(Graph(FEATURES_GRAPH, module, backbone.data, [output_name(n) for n in heads]))
+        out.append(Graph(FEATURES_GRAPH, module, backbone.data, [output_name(n) for n in heads], "/embedder/"))
     for node, m in nodes.items():
         if isinstance(m, NetworkNode):
             data = artefacts.data_config(artefacts.read_info(models / tree.folders[node]))
             module = nn.Sequential(m.network, nn.Softmax(1))
-            out.append(Graph(f"nodes/{tree.folders[node]}.onnx", module, data, [output_name(node)]))
+            out.append(Graph(f"nodes/{tree.folders[node]}.onnx", module, data, [output_name(node)], "/0/"))
     return out
 
 
 def export(
     models: str | Path, out: str | Path, quantize: str | None = None, opset: int = DEFAULT_OPSET,
-    calibration: Sequence[str | Path] | None = None,
+    calibration: str | Path | None = None, calibration_images: int = CALIBRATION_IMAGES,
 ) -> dict:  # fmt: skip
     """Write ``models`` as ONNX into ``out`` (replaced whole once complete); return the manifest.
 
-    ``calibration``: images for ``quantize="int8"``, by default some of the models' own split.
+    ``calibration``: for ``quantize="int8"``, a prepared split (its train images) or a folder of
+    images, of which ``calibration_images`` spread over it are used; by default the models' own split.
     """
     models, out = Path(models), Path(out)
     if quantize not in (None, *QUANTIZE):
@@ -128,15 +134,14 @@ def export(
         raise ExportError("--out must be another folder than --models")
     tree, nodes = load_models(models, "cpu", "fp32")
     to_write = graphs(models, tree, nodes)
-    if quantize and calibration is None:
-        calibration = split_images(models, CALIBRATION_IMAGES)
+    images = calibration_set(models, calibration, calibration_images) if quantize else []
     with fsio.replaced_folder(out) as tmp:
         for graph in to_write:
             path = tmp / graph.file
             path.parent.mkdir(parents=True, exist_ok=True)
             write_onnx(graph, path, opset)
             if quantize:
-                quantize_int8(path, graph.data, calibration)
+                quantize_int8(path, graph, images)
         shutil.copyfile(models / HIERARCHY, tmp / HIERARCHY)
         manifest = make_manifest(tmp, tree, nodes, to_write, quantize, opset)
         fsio.write_json(tmp / MANIFEST, manifest)
@@ -187,51 +192,84 @@ def make_manifest(
     }
 
 
-def split_images(models: Path, count: int) -> list[str]:
-    """Up to ``count`` val images (train images where a node has none) of the split the models were trained on."""
-    try:
-        split = Path(json.loads((models / HIERARCHY).read_text(encoding="utf-8"))["split"])
-        rows = fsio.read_csv(split / "images.csv")
-    except (OSError, KeyError, ValueError):
-        raise ExportError(
-            f"int8 needs calibration images and the split that '{models}' was trained on is not there; "
-            "pass --calibration DIR with some of your images"
-        ) from None
-    rows.sort(key=lambda r: r["split"] != "val")
-    step = max(1, len(rows) // (count * 4))  # spread over the classes: images.csv is sorted by leaf
-    return [r["path"] for r in rows[::step]][:count]
+def calibration_set(models: Path, source: str | Path | None, count: int) -> list[str]:
+    """Up to ``count`` images spread over ``source``: a prepared split's train images (by default the
+    split ``models`` were trained on; images.csv is sorted by leaf, so every leaf is drawn) or a folder's."""
+    if source is None:
+        try:
+            source = json.loads((models / HIERARCHY).read_text(encoding="utf-8"))["split"]
+        except (OSError, KeyError, ValueError):
+            source = None
+        if source is None or not (Path(source) / "images.csv").is_file():
+            raise ExportError(
+                f"int8 needs calibration images and the split that '{models}' was trained on is not there; "
+                "pass --calibration with a prepared split or a folder of your images"
+            )
+    source = Path(source)
+    if (source / "images.csv").is_file():
+        images = [r["path"] for r in fsio.read_csv(source / "images.csv") if r["split"] == "train"]
+    else:
+        images = collect_images([source])
+    return images[:: max(1, len(images) // count)][:count]
 
 
 class _Calibration:
-    """onnxruntime's CalibrationDataReader over image files, one image at a time."""
+    """onnxruntime's CalibrationDataReader over image files, a few images at a time."""
 
-    def __init__(self, images: Sequence[str | Path], data: DataConfig) -> None:
-        self._batches = self._read(images, eval_transform(data))
+    def __init__(self, images: Sequence[str | Path], data: DataConfig, batch: int = 8) -> None:
+        self._batches = self._read(images, eval_transform(data), batch)
 
     @staticmethod
-    def _read(images: Sequence[str | Path], transform) -> Iterator[dict[str, np.ndarray]]:
+    def _read(images: Sequence[str | Path], transform, batch: int) -> Iterator[dict[str, np.ndarray]]:
+        pixels = []
         for image in images:
             try:
-                yield {INPUT: transform(open_rgb(image)).unsqueeze(0).numpy()}
+                pixels.append(transform(open_rgb(image)).numpy())
             except ImageError as exc:
                 log.warning("calibration image %s left out: %s", image, exc)
+            if len(pixels) == batch:
+                yield {INPUT: np.stack(pixels)}
+                pixels = []
+        if pixels:
+            yield {INPUT: np.stack(pixels)}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
 
 
-def quantize_int8(path: Path, data: DataConfig, images: Sequence[str | Path]) -> None:
-    """Replace the ONNX file at ``path`` by its static int8 quantisation (QDQ convolutions, per-channel weights)."""
+class _Without(logging.Filter):
+    """Drops the log records that contain ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quantize_int8(path: Path, graph: Graph, images: Sequence[str | Path]) -> None:
+    """Replace the ONNX file at ``path`` by its static int8 quantisation: QDQ backbone, float32 heads."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not images:
-        raise ExportError("int8 needs calibration images and none were given")
+        raise ExportError("int8 needs calibration images and none were given; pass --calibration DIR with some")
     prepared = path.with_suffix(".prepared.onnx")
     quant_pre_process(str(path), str(prepared))
-    quantize_static(
-        str(prepared), str(path), _Calibration(images, data), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        op_types_to_quantize=["Conv"],
-    )  # fmt: skip
+    backbone = [
+        node.name for node in onnx.load(str(prepared), load_external_data=False).graph.node
+        if node.name.startswith(graph.backbone) and node.op_type not in ("Gemm", "MatMul")  # a classifier stays float
+    ]  # fmt: skip
+    quiet = _Without("exceeds the range of a int32")  # the biases of dead channels, whose weights are ~0
+    logging.getLogger().addFilter(quiet)
+    try:
+        quantize_static(
+            str(prepared), str(path), _Calibration(images, graph.data), quant_format=QuantFormat.QDQ,
+            nodes_to_quantize=backbone, per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        )  # fmt: skip
+    finally:
+        logging.getLogger().removeFilter(quiet)
     prepared.unlink()
