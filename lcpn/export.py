@@ -38,11 +38,11 @@ import torch
 from torch import nn
 
 from . import __version__, artefacts, fsio
+from .attributes import NODE_PREFIX
 from .errors import LcpnError
 from .feed import collect_images
-from .hierarchy import Hierarchy
 from .images import ImageError, open_rgb
-from .models import ConstantNode, HeadNode, NetworkNode, NodeModel, load_models
+from .models import ConstantNode, HeadNode, NetworkNode, NodeModel, load_all
 from .transforms import DataConfig, eval_transform
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,9 @@ class FeaturesGraph(nn.Module):
         return tuple(outputs)
 
 
-def graphs(models: Path, tree: Hierarchy, nodes: dict[str, NodeModel]) -> list[Graph]:
-    """What to write: one graph for the features-mode heads, one per fine-tuned node."""
+def graphs(models: Path, folders: dict[str, str], nodes: dict[str, NodeModel]) -> list[Graph]:
+    """What to write: one graph for the features-mode heads, one per fine-tuned node (or attribute);
+    ``nodes`` and ``folders`` by node id (an attribute's is ``attribute:<name>``)."""
     heads = {node: m for node, m in nodes.items() if isinstance(m, HeadNode)}
     out = []
     if heads:
@@ -110,9 +111,9 @@ def graphs(models: Path, tree: Hierarchy, nodes: dict[str, NodeModel]) -> list[G
         out.append(Graph(FEATURES_GRAPH, module, backbone.data, [output_name(n) for n in heads], "/embedder/"))
     for node, m in nodes.items():
         if isinstance(m, NetworkNode):
-            data = artefacts.data_config(artefacts.read_info(models / tree.folders[node]))
+            data = artefacts.data_config(artefacts.read_info(models / folders[node]))
             module = nn.Sequential(m.network, nn.Softmax(1))
-            out.append(Graph(f"nodes/{tree.folders[node]}.onnx", module, data, [output_name(node)], "/0/"))
+            out.append(Graph(f"nodes/{folders[node]}.onnx", module, data, [output_name(node)], "/0/"))
     return out
 
 
@@ -132,8 +133,10 @@ def export(
         raise ExportError(f"opset {opset} cannot be written; choose one from {OPSETS[0]} to {OPSETS[1]}")
     if out.resolve() == models.resolve():
         raise ExportError("--out must be another folder than --models")
-    tree, nodes = load_models(models, "cpu", "fp32")
-    to_write = graphs(models, tree, nodes)
+    loaded = load_all(models, "cpu", "fp32")
+    attributes = {a.spec.node: a.model for a in loaded.attributes.values()}  # heads like the nodes'
+    folders = {**loaded.tree.folders, **{a.spec.node: a.spec.folder for a in loaded.attributes.values()}}
+    to_write = graphs(models, folders, {**loaded.nodes, **attributes})
     images = calibration_set(models, calibration, calibration_images) if quantize else []
     with fsio.replaced_folder(out) as tmp:
         for graph in to_write:
@@ -143,7 +146,7 @@ def export(
             if quantize:
                 quantize_int8(path, graph, images)
         shutil.copyfile(models / HIERARCHY, tmp / HIERARCHY)
-        manifest = make_manifest(tmp, tree, nodes, to_write, quantize, opset)
+        manifest = make_manifest(tmp, loaded.nodes, attributes, to_write, quantize, opset)
         fsio.write_json(tmp / MANIFEST, manifest)
     return manifest
 
@@ -167,17 +170,17 @@ def write_onnx(graph: Graph, path: Path, opset: int) -> None:
 
 
 def make_manifest(
-    folder: Path, tree: Hierarchy, nodes: dict[str, NodeModel], written: list[Graph], quantize: str | None, opset: int
-) -> dict:
+    folder: Path, nodes: dict[str, NodeModel], attributes: dict[str, NodeModel], written: list[Graph],
+    quantize: str | None, opset: int,
+) -> dict:  # fmt: skip
+    """``nodes`` by node id, ``attributes`` by their node id (``attribute:<name>``)."""
     file_of = {output: g.file for g in written for output in g.outputs}
-    described = {}
-    for node, m in nodes.items():
-        entry: dict = {"classes": list(m.classes)}
+
+    def describe(node: str, m: NodeModel) -> dict:
         if isinstance(m, ConstantNode):
-            entry["constant"] = True
-        else:
-            entry.update(file=file_of[output_name(node)], output=output_name(node))
-        described[node] = entry
+            return {"classes": list(m.classes), "constant": True}
+        return {"classes": list(m.classes), "file": file_of[output_name(node)], "output": output_name(node)}
+
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -188,7 +191,8 @@ def make_manifest(
         "input_layout": "float32 NCHW RGB: squared and resized per data.square, /255, then (x - mean) / std",
         "files": {name: fsio.file_sha256(folder / name) for name in [HIERARCHY, *(g.file for g in written)]},
         "models": {g.file: {"data": g.data.to_dict(), "outputs": g.outputs} for g in written},
-        "nodes": described,
+        "nodes": {node: describe(node, m) for node, m in nodes.items()},
+        "attributes": {node.removeprefix(NODE_PREFIX): describe(node, m) for node, m in attributes.items()},
     }
 
 

@@ -21,9 +21,10 @@ import torch
 
 from . import fsio
 from .artefacts import ArtefactError
+from .attributes import read_specs
 from .export import FORMAT, FORMAT_VERSION, INPUT, MANIFEST
 from .hierarchy import Hierarchy
-from .models import Batch, ConstantNode, NodeModel, read_tree
+from .models import AttributeModel, Batch, ConstantNode, NodeModel, read_tree
 from .runtime import pixels_key
 from .transforms import DataConfig, eval_transform
 
@@ -88,19 +89,25 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def load_onnx_models(folder: str | Path) -> tuple[Hierarchy, dict[str, NodeModel]]:
-    """The tree and every parent node's model from an exported folder; raises ArtefactError."""
+def load_onnx_models(folder: str | Path) -> tuple[Hierarchy, dict[str, NodeModel], dict[str, AttributeModel]]:
+    """The tree, every parent node's model and every exported attribute's, from an exported folder
+    (``Cascade(*load_onnx_models(folder))``); raises ArtefactError."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     tree = read_tree(folder)
-    described = manifest["nodes"]
-    nodes: dict[str, NodeModel] = {n: ConstantNode(d["classes"]) for n, d in described.items() if d.get("constant")}
+    specs = read_specs(folder)  # the copy of the models' hierarchy.json names each attribute's values
+    exported = manifest.get("attributes", {})  # exports made before attributes were exported have none
+    if unknown := [name for name in exported if name not in specs]:
+        raise ArtefactError(f"'{folder / MANIFEST}' lists attributes that hierarchy.json does not: {unknown}")
+    described = {**manifest["nodes"], **{specs[name].node: d for name, d in exported.items()}}
+    models: dict[str, NodeModel] = {n: ConstantNode(d["classes"]) for n, d in described.items() if d.get("constant")}
     by_output = {d["output"]: (n, d) for n, d in described.items() if not d.get("constant")}
     for file, model in manifest["models"].items():
         graph = OnnxGraph(folder / file, DataConfig.from_dict(model["data"]), model["outputs"])
         start = 0
         for output in model["outputs"]:
             node, d = by_output[output]
-            nodes[node] = OnnxNode(d["classes"], graph, slice(start, start + len(d["classes"])))
+            models[node] = OnnxNode(d["classes"], graph, slice(start, start + len(d["classes"])))
             start += len(d["classes"])
-    return tree, nodes
+    attributes = {name: AttributeModel(specs[name], models[specs[name].node]) for name in exported}
+    return tree, {node: models[node] for node in manifest["nodes"]}, attributes

@@ -378,7 +378,7 @@ def measure_export(models: Path, split: Path, work: Path) -> dict:
     folders = {"fp32": work / "export-fp32", "int8": work / "export-int8"}
     manifests = {kind: export(models, folder, quantize=None if kind == "fp32" else kind)
                  for kind, folder in folders.items()}  # fmt: skip
-    cascades = {"torch_default": Cascade.load(models, "cpu", attributes=False)}  # the export holds the tree alone
+    cascades = {"torch_default": Cascade.load(models, "cpu")}  # attributes too, as the export holds them
     cascades |= {f"onnx_{kind}": Cascade(*load_onnx_models(folder)) for kind, folder in folders.items()}
     predicted = {name: [p.node for p in cascade.predict(paths, BATCH)] for name, cascade in cascades.items()}
     result = {}

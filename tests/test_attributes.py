@@ -216,3 +216,22 @@ def test_finetune_mode_trains_a_network_for_one_attribute(split, tmp_path):
     assert loaded.info.mode == "finetune" and loaded.info.classes == ["Men", "Women"]
     assert loaded.network is not None and loaded.transforms is not None
     assert not (tmp_path / "models" / "parent").exists()  # the tree's nodes were not asked for
+
+
+def test_the_onnx_export_predicts_the_attributes_as_torch_does(featured, split, tmp_path):
+    from lcpn.export import export
+
+    manifest = export(featured, tmp_path / "onnx")
+    assert set(manifest["attributes"]) == {"gender", "colour"}
+    assert manifest["attributes"]["gender"]["output"] in manifest["models"]["lcpn.onnx"]["outputs"]
+    images = [r["path"] for r in read_csv(split / "test.csv")][:6]
+    by_torch = run("predict", *images, "--models", featured, "--format", "json", "--top-k", "2")
+    by_onnx = run("predict", *images, "--models", tmp_path / "onnx", "--runtime", "onnx", "--format", "json",
+                  "--top-k", "2")  # fmt: skip
+    assert by_onnx.exit_code == 0, by_onnx.output
+    for torch_line, onnx_line in zip(by_torch.stdout.splitlines(), by_onnx.stdout.splitlines(), strict=True):
+        want, got = json.loads(torch_line)["attributes"], json.loads(onnx_line)["attributes"]
+        assert set(got) == {"gender", "colour"}
+        for name in want:
+            assert got[name]["label"] == want[name]["label"]
+            assert got[name]["confidence"] == pytest.approx(want[name]["confidence"], abs=1e-4)
