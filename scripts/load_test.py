@@ -6,12 +6,12 @@ many requests with garbage uploads mixed in.
     python scripts/load_test.py --models trained_models --images dataset_example
         [--clients 1,8,32] [--requests 320] [--seconds 60] [--batch-size 32]
         [--memory-requests 2000] [--memory-seconds 1200] [--garbage 0.05]
-        [--max-batch 64] [--max-wait-ms 10] [--out load.json]
+        [--max-batch 64] [--max-wait-ms 10] [--runtime torch|onnx] [--out load.json]
 
 It starts its own `lcpn serve` on a free 127.0.0.1 port (never another host) and stops it at the
 end. Every client sends one image per request, one request after another; each level stops after
 --requests requests or --seconds seconds, whichever comes first. The batched baseline is
-`Cascade.predict` over the same images with --batch-size, files decoded in threads: what `lcpn
+`Cascade.predict` over the same images with --batch-size (and --runtime): what `lcpn
 predict` does once its models are loaded, measured in this process before the server starts.
 The memory phase sends --memory-requests requests (or runs --memory-seconds) from 32 clients, a --garbage share of them
 random bytes (answered 422), and samples the server process's resident memory (RSS) every 100.
@@ -35,16 +35,16 @@ from pathlib import Path
 import httpx
 import psutil
 
-from lcpn.cascade import Cascade
+from lcpn.cascade import open_cascade
 from lcpn.feed import collect_images
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 900  # loading and warming every node on a busy 2-core machine takes minutes
 
 
-def batched_throughput(models: str, images: list[str], batch_size: int) -> float:
+def batched_throughput(models: str, images: list[str], batch_size: int, runtime: str) -> float:
     """Images per second of `lcpn predict`'s path (models loaded once, batches of batch_size)."""
-    cascade = Cascade.load(models, "cpu")
+    cascade = open_cascade(models, runtime, "cpu")
     list(cascade.predict(images[:batch_size], batch_size))  # warm-up
     start = time.perf_counter()
     predictions = list(cascade.predict(images, batch_size))
@@ -62,7 +62,7 @@ def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
     """`lcpn serve` in a child process, logging to ``log`` (a file: an unread pipe would block it)."""
     command = [sys.executable, "-m", "lcpn", "serve", "--models", args.models, "--host", HOST, "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-               "--device", "cpu"]  # fmt: skip
+               "--device", "cpu", "--runtime", args.runtime]  # fmt: skip
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -161,6 +161,12 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=2000)
     parser.add_argument("--memory-seconds", type=float, default=1200, help="most seconds of the memory phase")
     parser.add_argument("--garbage", type=float, default=0.05, help="share of garbage uploads in the memory phase")
+    parser.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="onnx: --models is an `lcpn export` folder, served and baselined with onnxruntime",
+    )
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=10)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
@@ -168,7 +174,7 @@ def main() -> None:
 
     images = collect_images(args.images)
     payloads = [(Path(p).name, Path(p).read_bytes()) for p in images]
-    baseline = batched_throughput(args.models, images, args.batch_size)
+    baseline = batched_throughput(args.models, images, args.batch_size, args.runtime)
     print(f"lcpn predict (batches of {args.batch_size}, {len(images)} images): {baseline:.1f} images/s", flush=True)
 
     port = free_port()
