@@ -38,11 +38,10 @@ import torch
 from torch import nn
 
 from . import __version__, artefacts, fsio
-from .attributes import NODE_PREFIX
 from .errors import LcpnError
 from .feed import collect_images
 from .images import ImageError, open_rgb
-from .models import ConstantNode, HeadNode, NetworkNode, NodeModel, load_all
+from .models import AttributeModel, ConstantNode, HeadNode, NetworkNode, NodeModel, load_all
 from .transforms import DataConfig, eval_transform
 
 log = logging.getLogger(__name__)
@@ -146,7 +145,7 @@ def export(
             if quantize:
                 quantize_int8(path, graph, images)
         shutil.copyfile(models / HIERARCHY, tmp / HIERARCHY)
-        manifest = make_manifest(tmp, loaded.nodes, attributes, to_write, quantize, opset)
+        manifest = make_manifest(tmp, loaded.nodes, loaded.attributes, to_write, quantize, opset)
         fsio.write_json(tmp / MANIFEST, manifest)
     return manifest
 
@@ -170,10 +169,10 @@ def write_onnx(graph: Graph, path: Path, opset: int) -> None:
 
 
 def make_manifest(
-    folder: Path, nodes: dict[str, NodeModel], attributes: dict[str, NodeModel], written: list[Graph],
+    folder: Path, nodes: dict[str, NodeModel], attributes: dict[str, AttributeModel], written: list[Graph],
     quantize: str | None, opset: int,
 ) -> dict:  # fmt: skip
-    """``nodes`` by node id, ``attributes`` by their node id (``attribute:<name>``)."""
+    """``nodes`` by node id, ``attributes`` by name (their outputs are named after their node ids)."""
     file_of = {output: g.file for g in written for output in g.outputs}
 
     def describe(node: str, m: NodeModel) -> dict:
@@ -192,7 +191,7 @@ def make_manifest(
         "files": {name: fsio.file_sha256(folder / name) for name in [HIERARCHY, *(g.file for g in written)]},
         "models": {g.file: {"data": g.data.to_dict(), "outputs": g.outputs} for g in written},
         "nodes": {node: describe(node, m) for node, m in nodes.items()},
-        "attributes": {node.removeprefix(NODE_PREFIX): describe(node, m) for node, m in attributes.items()},
+        "attributes": {name: describe(a.spec.node, a.model) for name, a in attributes.items()},
     }
 
 

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from lcpn import artefacts, backbones, fsio
-from lcpn.cascade import DEFAULT_DECODE, Cascade
+from lcpn.cascade import DEFAULT_DECODE, Cascade, open_cascade
 from lcpn.config import OPTIONS, TrainConfig
 from lcpn.embedding_store import EmbeddingStore
 from lcpn.evaluate import evaluate, split_test_items
@@ -370,7 +370,6 @@ def print_attributes(bench: dict) -> None:
 def measure_export(models: Path, split: Path, work: Path) -> dict:
     """ONNX float32 and int8 exports of ``models`` against torch's default precision on the split's test images."""
     from lcpn.export import export
-    from lcpn.onnx_runtime import load_onnx_models
 
     test_items = split_test_items(split)
     paths, truth = [it.path for it in test_items], [it.leaf for it in test_items]
@@ -379,7 +378,7 @@ def measure_export(models: Path, split: Path, work: Path) -> dict:
     manifests = {kind: export(models, folder, quantize=None if kind == "fp32" else kind)
                  for kind, folder in folders.items()}  # fmt: skip
     cascades = {"torch_default": Cascade.load(models, "cpu")}  # attributes too, as the export holds them
-    cascades |= {f"onnx_{kind}": Cascade(*load_onnx_models(folder)) for kind, folder in folders.items()}
+    cascades |= {f"onnx_{kind}": open_cascade(folder, "onnx") for kind, folder in folders.items()}
     predicted = {name: [p.node for p in cascade.predict(paths, BATCH)] for name, cascade in cascades.items()}
     result = {}
     for kind in folders:
