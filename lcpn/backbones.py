@@ -164,29 +164,32 @@ def stage_ends(network: nn.Module) -> list[int]:
 
 
 class Embedder(nn.Module):
-    """A frozen EfficientNet's embedding: the pooled outputs of its last ``stages`` stages, then
-    its pooled final features (``stages=0``: the final features alone, as ``network(x)``).
+    """A frozen EfficientNet's embedding: ``colour``'s histogram of the input when given, the pooled
+    outputs of its last ``stages`` stages, then its pooled final features (``stages=0`` and no
+    colour: the final features alone, as ``network(x)``).
 
     Why the stages: the final 1x1 convolution is tuned to ImageNet's classes; the stages before it
     keep shape and texture detail that separates look-alike products (flip-flops from sandals,
     clutches from wallets). On the catalogue benchmark two stages add 0.4 points of path accuracy
     at 2 levels and 1.3 at 3 (docs/benchmarks.md), for 512 more dimensions and no extra pass.
+    Why the colour: see ``lcpn.colour``.
     """
 
-    def __init__(self, network: nn.Module, stages: int = 0) -> None:
+    def __init__(self, network: nn.Module, stages: int = 0, colour: nn.Module | None = None) -> None:
         super().__init__()
         ends = stage_ends(network)
         if not 0 <= stages <= len(ends):
             raise ValueError(f"the backbone has {len(ends)} stages; cannot pool the last {stages}")
-        self.network, self.stages = network, stages
+        self.network, self.stages, self.colour = network, stages, colour
         self.taps = ends[len(ends) - stages :]
         blocks = network._blocks
         self.dim = network._conv_head.out_channels + sum(blocks[i]._project_conv.out_channels for i in self.taps)
+        self.dim += colour.dim if colour is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.network
+        pooled = [] if self.colour is None else [self.colour(x)]
         x = net._swish(net._bn0(net._conv_stem(x)))
-        pooled = []
         for i, block in enumerate(net._blocks):
             x = block(x)  # frozen and in eval mode: no drop-connect
             if i in self.taps:

@@ -77,6 +77,7 @@ class TrainConfig:
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
     linear_class_weights: bool = False  # features mode: the logistic regression weighs classes as the MLPs do
     stage_features: int = 2  # features mode: pooled outputs of the backbone's last N stages join the embedding
+    colour_features: bool = False  # features mode: a colour histogram of the input joins the embedding
     views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
     precision: str = "auto"  # finetune: auto is mixed precision on CUDA; features: auto is fp32 (bf16 by name)
     test_flips: bool = True  # features mode: predict from each picture and its mirror image, averaged
@@ -167,6 +168,10 @@ OPTIONS: dict[str, Option] = {
     "stage_features": Option(click.IntRange(min=0), "features mode: append the pooled outputs of the backbone's "
                              "last N stages to its final features (0: the final features only; same single "
                              "pass).", FEATURES),
+    "colour_features": Option(click.BOOL, "features mode: a histogram of the product's colours (read off the "
+                              "backbone's input, the white background left out) joins the embedding: ImageNet "
+                              "features hardly tell colours apart.", FEATURES,
+                              flag="--colour-features/--no-colour-features"),
     "views": Option(click.IntRange(min=1), "features mode: embeddings per training image: 1 plain, 2 adds its "
                     "mirror image, 3+ add random crops (val images and prediction use the plain view).", FEATURES),
     "precision": Option(click.Choice(PRECISIONS), "fp32, or bf16 autocast; auto: finetune mode uses mixed "

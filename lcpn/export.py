@@ -41,7 +41,7 @@ from . import __version__, artefacts, fsio
 from .errors import LcpnError
 from .feed import collect_images
 from .images import ImageError, open_rgb
-from .models import AttributeModel, ConstantNode, HeadNode, NetworkNode, NodeModel, load_all
+from .models import ConstantNode, HeadNode, LoadedModels, NetworkNode, NodeModel, load_all
 from .transforms import DataConfig, eval_transform
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def export(
             if quantize:
                 quantize_int8(path, graph, images)
         shutil.copyfile(models / HIERARCHY, tmp / HIERARCHY)
-        manifest = make_manifest(tmp, loaded.nodes, loaded.attributes, to_write, quantize, opset)
+        manifest = make_manifest(tmp, loaded, to_write, quantize, opset)
         fsio.write_json(tmp / MANIFEST, manifest)
     return manifest
 
@@ -168,11 +168,9 @@ def write_onnx(graph: Graph, path: Path, opset: int) -> None:
         )  # fmt: skip
 
 
-def make_manifest(
-    folder: Path, nodes: dict[str, NodeModel], attributes: dict[str, AttributeModel], written: list[Graph],
-    quantize: str | None, opset: int,
-) -> dict:  # fmt: skip
-    """``nodes`` by node id, ``attributes`` by name (their outputs are named after their node ids)."""
+def make_manifest(folder: Path, loaded: LoadedModels, written: list[Graph], quantize: str | None, opset: int) -> dict:
+    """Nodes by node id (with the class mix each expects), attributes by name (their outputs are named
+    after their node ids)."""
     file_of = {output: g.file for g in written for output in g.outputs}
 
     def describe(node: str, m: NodeModel) -> dict:
@@ -190,8 +188,11 @@ def make_manifest(
         "input_layout": "float32 NCHW RGB: squared and resized per data.square, /255, then (x - mean) / std",
         "files": {name: fsio.file_sha256(folder / name) for name in [HIERARCHY, *(g.file for g in written)]},
         "models": {g.file: {"data": g.data.to_dict(), "outputs": g.outputs} for g in written},
-        "nodes": {node: describe(node, m) for node, m in nodes.items()},
-        "attributes": {name: describe(a.spec.node, a.model) for name, a in attributes.items()},
+        "nodes": {
+            node: describe(node, m) | ({} if isinstance(m, ConstantNode) else {"prior": loaded.priors[node]})
+            for node, m in loaded.nodes.items()
+        },  # fmt: skip
+        "attributes": {name: describe(a.spec.node, a.model) for name, a in loaded.attributes.items()},
     }
 
 
@@ -261,9 +262,12 @@ def quantize_int8(path: Path, graph: Graph, images: Sequence[str | Path]) -> Non
         raise ExportError("int8 needs calibration images and none were given; pass --calibration DIR with some")
     prepared = path.with_suffix(".prepared.onnx")
     quant_pre_process(str(path), str(prepared))
+    # A classifier stays float, and so does the colour histogram: int8 steps of 1/256 would blur the
+    # shares of a few pixels it tells colours apart by.
     backbone = [
         node.name for node in onnx.load(str(prepared), load_external_data=False).graph.node
-        if node.name.startswith(graph.backbone) and node.op_type not in ("Gemm", "MatMul")  # a classifier stays float
+        if node.name.startswith(graph.backbone) and not node.name.startswith(f"{graph.backbone}colour/")
+        and node.op_type not in ("Gemm", "MatMul")
     ]  # fmt: skip
     quiet = _Without("exceeds the range of a int32")  # the biases of dead channels, whose weights are ~0
     logging.getLogger().addFilter(quiet)

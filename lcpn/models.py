@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ import torch
 from . import artefacts, backbones
 from .artefacts import ArtefactError, NodeInfo
 from .attributes import AttributeSpec, read_specs
+from .colour import ColourHistogram
 from .devices import resolve_device, want_bf16
 from .hierarchy import Hierarchy, names_of
 from .runtime import Runtime, SharedBackbone, pixels_key, recorded_precision
@@ -155,6 +156,19 @@ class LoadedModels:
     tree: Hierarchy
     nodes: dict[str, NodeModel]  # by node id
     attributes: dict[str, AttributeModel]  # by attribute name, in the order of hierarchy.json
+    priors: dict[str, list[float]] = field(default_factory=dict)  # by node id: the class mix each node expects
+
+
+def class_prior(info: NodeInfo) -> list[float]:
+    """The class mix a node's model expects: its mean probability on its training images
+    (``metrics.prior``; features mode), else the val images' class shares (finetune mode, older
+    folders), else uniform."""
+    metrics = info.metrics or {}
+    if len(metrics.get("prior") or ()) == len(info.classes):
+        return [float(p) for p in metrics["prior"]]
+    support = [metrics.get("per_class", {}).get(c, {}).get("support", 0) for c in info.classes]
+    total = sum(support)
+    return [s / total for s in support] if total else [1 / len(info.classes)] * len(info.classes)
 
 
 def read_tree(models: str | Path) -> Hierarchy:
@@ -191,7 +205,8 @@ def load_all(models: str | Path, device: str = "auto", precision: str = AS_TRAIN
     loader = _Loader(Path(models), read_tree(models), device, precision)
     nodes = {node: loader.node(node) for node in loader.tree.parents}
     specs = read_specs(models) if attributes else {}
-    return LoadedModels(loader.tree, nodes, {name: loader.attribute(spec) for name, spec in specs.items()})
+    return LoadedModels(loader.tree, nodes, {name: loader.attribute(spec) for name, spec in specs.items()},
+                        loader.priors)  # fmt: skip
 
 
 def node_problems(models: str | Path) -> dict[str, str]:
@@ -217,6 +232,7 @@ class _Loader:
         self.models, self.tree, self.precision = models, tree, precision
         self.device = resolve_device(device)
         self._backbone: SharedBackbone | None = None
+        self.priors: dict[str, list[float]] = {}  # of the nodes loaded so far
 
     def runtime(self, info: NodeInfo) -> Runtime:
         chosen = recorded_precision(info.config) if self.precision == AS_TRAINED else self.precision
@@ -225,6 +241,7 @@ class _Loader:
     def node(self, node: str) -> NodeModel:
         loaded = artefacts.load_node(self.models / self.tree.folders[node])
         check_fits(self.tree, node, loaded.info.classes)
+        self.priors[node] = class_prior(loaded.info)
         return self._model(loaded, f"node '{node or 'root'}'")
 
     def attribute(self, spec: AttributeSpec) -> AttributeModel:
@@ -252,10 +269,11 @@ class _Loader:
             info = artefacts.read_info(folder)
             network = backbones.build(info.backbone, 0)
             artefacts.load_weights(network, folder / artefacts.MODEL)
-            # Model folders from before stage features have no "stage_features": their heads read the final features.
-            embedder = backbones.Embedder(network, int(info.config.get("stage_features", 0)))
-            embedder.eval().to(self.device, memory_format=torch.channels_last)
             data = artefacts.data_config(info)
+            colour = ColourHistogram(data.mean, data.std) if info.config.get("colour_features") else None
+            # Model folders from before stage features have no "stage_features": their heads read the final features.
+            embedder = backbones.Embedder(network, int(info.config.get("stage_features", 0)), colour)
+            embedder.eval().to(self.device, memory_format=torch.channels_last)
             flips = bool(info.config.get("test_flips", False))  # folders from before test flips have none
             self._backbone = SharedBackbone(info.backbone, embedder, data, self.runtime(info), flips)
         return self._backbone
