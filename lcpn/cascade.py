@@ -17,6 +17,9 @@ below the threshold (``stopped_early``); the root's decision is always kept.
 
 Attribute models (gender, colour, ...) run once per batch on every image beside the routing; in
 features mode they read the embedding the root's head already computed for the batch.
+
+``adapt_priors`` corrects for a new class mix (``label_shift``): every node runs on every image
+first, each node's mix is re-estimated on the whole input, and only then are the paths decoded.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from .artefacts import ArtefactError
 from .export import MANIFEST
 from .feed import ImageSource, PerImage, feed, source_name
 from .hierarchy import ROOT, Hierarchy, names_of
-from .models import AS_TRAINED, AttributeModel, Batch, NodeModel, check_fits, load_all
+from .label_shift import adapt_tree
+from .models import AS_TRAINED, AttributeModel, Batch, LoadedModels, NodeModel, check_fits, load_all
 
 DECODERS = ("best-path", "greedy")
 DEFAULT_DECODE = "best-path"
@@ -91,6 +95,11 @@ def best_first(tree: Hierarchy, rows: Iterable[int], lookup: Lookup, k: int) -> 
         known.update(lookup(requests))
 
 
+def _check_decoder(decode: str) -> None:
+    if decode not in DECODERS:
+        raise ValueError(f"unknown decoder '{decode}'; choose {' or '.join(DECODERS)}")
+
+
 def cut(steps: Sequence[Step], min_confidence: float) -> tuple[list[Step], bool]:
     """The path up to the first level below the root whose probability is below ``min_confidence``."""
     stop = next((i for i, (_, p) in enumerate(steps) if i > 0 and p < min_confidence), len(steps))
@@ -131,8 +140,9 @@ class Cascade:
     """Top-down LCPN prediction over a tree of node models."""
 
     def __init__(
-        self, tree: Hierarchy, nodes: Mapping[str, NodeModel], attributes: Mapping[str, AttributeModel] | None = None
-    ) -> None:
+        self, tree: Hierarchy, nodes: Mapping[str, NodeModel], attributes: Mapping[str, AttributeModel] | None = None,
+        priors: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:  # fmt: skip
         missing = [n or "root" for n in tree.parents if n not in nodes]
         if missing:
             raise ArtefactError(f"no model for node(s) {', '.join(missing)}; run `lcpn train` for them")
@@ -140,14 +150,19 @@ class Cascade:
             check_fits(tree, node, nodes[node].classes)
         self.tree, self.nodes = tree, dict(nodes)
         self.attributes = dict(attributes or {})
+        self.priors = dict(priors or {})  # by node id: the class mix each node's model expects
+        self.estimated_mix: dict[str, list[float]] = {}  # by node id: the last adapted input's, per class
+
+    @classmethod
+    def of(cls, loaded: LoadedModels) -> Cascade:
+        return cls(loaded.tree, loaded.nodes, loaded.attributes, loaded.priors)
 
     @classmethod
     def load(
         cls, models: str | Path, device: str = "auto", precision: str = AS_TRAINED, attributes: bool = True
     ) -> Cascade:
         """Every node (with ``attributes``, every attribute too) of a model folder, loaded once (``load_all``)."""
-        loaded = load_all(models, device, precision, attributes)
-        return cls(loaded.tree, loaded.nodes, loaded.attributes)
+        return cls.of(load_all(models, device, precision, attributes))
 
     def node_probabilities(self, batch: Batch, probs: dict[Request, torch.Tensor], requests: Iterable[Request]) -> None:
         """Fill ``probs[(row, node)]`` for the requests not yet known, one model call per node.
@@ -166,19 +181,24 @@ class Cascade:
         batch: Batch | None = None, probs: dict | None = None,
     ) -> list[Prediction]:  # fmt: skip
         """Predict a batch of decoded images; ``batch``/``probs`` may be passed in to share caches."""
-        if decode not in DECODERS:
-            raise ValueError(f"unknown decoder '{decode}'; choose {' or '.join(DECODERS)}")
+        _check_decoder(decode)
         batch = batch or Batch(images)
         probs = {} if probs is None else probs
-        rows = range(batch.size)
 
         def lookup(requests: Sequence[Request]) -> dict[Request, list[float]]:
             self.node_probabilities(batch, probs, requests)
             return {req: probs[req].tolist() for req in requests}
 
+        attributes = self.attribute_predictions(batch, list(range(batch.size)), max(1, top_k))
+        return self._decode(batch.size, lookup, top_k, decode, min_confidence, attributes)
+
+    def _decode(
+        self, size: int, lookup: Lookup, top_k: int, decode: str, min_confidence: float, attributes: dict[int, dict]
+    ) -> list[Prediction]:
+        """Predictions for rows ``range(size)`` from their child probabilities and attribute answers."""
+        rows = range(size)
         best = best_first(self.tree, rows, lookup, max(1, top_k)) if decode == "best-path" or top_k > 0 else {}
         chosen = greedy(self.tree, rows, lookup) if decode == "greedy" else {r: best[r][0][1] for r in rows}
-        attributes = self.attribute_predictions(batch, list(rows), max(1, top_k))
         out = []
         for r in rows:
             kept, stopped = cut(chosen[r], min_confidence)
@@ -211,16 +231,21 @@ class Cascade:
         self, sources: Sequence[ImageSource], batch_size: int = 32, top_k: int = 1, decode: str = DEFAULT_DECODE,
         min_confidence: float = 0.0, workers: int | None = None,
         on_batch: Callable[[Batch, dict, list[int]], None] | None = None,
-        extra_inputs: Mapping[Hashable, Callable] | None = None,
+        extra_inputs: Mapping[Hashable, Callable] | None = None, adapt_priors: bool = False,
     ) -> Iterator[Prediction]:  # fmt: skip
         """Predict image files or bytes in order; a source that is not a usable image gets ``error``.
 
         The input pipeline (``feed``) decodes and transforms in ``workers`` processes. ``on_batch``
         sees each batch, its probability cache, and the index in ``sources`` of each of its rows
         (evaluation uses it to reuse the work); ``extra_inputs`` are more per-image functions
-        (picklable) whose values it finds in ``batch.prepared``.
+        (picklable) whose values it finds in ``batch.prepared``. With ``adapt_priors`` nothing is
+        yielded before every source has been through every node (``_predict_adapted``).
         """
         prepare = PerImage({**self.per_image(), **(extra_inputs or {})})
+        if adapt_priors:
+            yield from self._predict_adapted(sources, batch_size, prepare, top_k, decode, min_confidence, workers,
+                                             on_batch)  # fmt: skip
+            return
         for fed in feed(sources, batch_size, prepare, workers, pin_memory=True):
             batch, probs = Batch(prepared=fed.inputs), {}
             opened = fed.opened
@@ -229,6 +254,45 @@ class Cascade:
                 on_batch(batch, probs, opened)
             for i in fed.indices:
                 pred = preds.get(i) or Prediction(image="", error=str(fed.errors[i]))
+                pred.image = source_name(sources[i], i)
+                yield pred
+
+    def _predict_adapted(
+        self, sources: Sequence[ImageSource], batch_size: int, prepare: PerImage, top_k: int, decode: str,
+        min_confidence: float, workers: int | None, on_batch: Callable[[Batch, dict, list[int]], None] | None,
+    ) -> Iterator[Prediction]:  # fmt: skip
+        """Every node on every image, each node's class mix re-estimated on all of them, then the paths."""
+        _check_decoder(decode)
+        trained = [n for n in self.tree.parents if len(self.nodes[n].classes) > 1]
+        if missing := [n or "root" for n in trained if n not in self.priors]:
+            raise ArtefactError(f"no class prior for node(s) {', '.join(missing)} (an export made before they were "
+                                "recorded); export the models again to use --adapt-priors")  # fmt: skip
+        fed_batches, answers, table = [], {}, {n: [] for n in trained}
+        for fed in feed(sources, batch_size, prepare, workers, pin_memory=True):
+            batch, probs, opened = Batch(prepared=fed.inputs), {}, fed.opened
+            rows = list(range(len(opened)))
+            self.node_probabilities(batch, probs, [(r, n) for r in rows for n in trained])
+            for n in trained:
+                table[n] += [probs[(r, n)] for r in rows]
+            for r, answer in self.attribute_predictions(batch, rows, max(1, top_k)).items():
+                answers[opened[r]] = answer
+            if on_batch and opened:
+                on_batch(batch, probs, opened)
+            fed_batches.append((fed.indices, fed.errors))  # not the batch: its pixels would pile up
+        opened_all = [i for indices, errors in fed_batches for i in indices if i not in errors]
+        raw = {n: torch.stack(p).double().numpy() for n, p in table.items() if p}
+        adapted, mixes = adapt_tree(self.tree, raw, self.priors) if raw else ({}, {})
+        self.estimated_mix = {n: mix.tolist() for n, mix in mixes.items()}
+        row_of = {i: r for r, i in enumerate(opened_all)}
+
+        def lookup(requests: Sequence[Request]) -> dict[Request, list[float]]:
+            return {(r, n): adapted[n][r].tolist() if n in adapted else [1.0] for r, n in requests}
+
+        predictions = self._decode(len(opened_all), lookup, top_k, decode, min_confidence,
+                                   {r: answers.get(i, {}) for i, r in row_of.items()})  # fmt: skip
+        for indices, errors in fed_batches:
+            for i in indices:
+                pred = predictions[row_of[i]] if i in row_of else Prediction(image="", error=str(errors[i]))
                 pred.image = source_name(sources[i], i)
                 yield pred
 
@@ -249,4 +313,4 @@ def open_cascade(
                             "leave out --device and --precision")  # fmt: skip
     from .onnx_runtime import load_onnx_models  # onnxruntime is loaded only when asked for
 
-    return Cascade(*load_onnx_models(models))
+    return Cascade.of(load_onnx_models(models))

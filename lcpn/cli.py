@@ -363,6 +363,12 @@ _min_conf_option = click.option(
     help="Stop descending where the chosen child's probability is below this and return the partial path "
     "(the top-level decision is always given).",
 )  # fmt: skip
+_adapt_option = click.option(
+    "--adapt-priors", is_flag=True,
+    help="Re-estimate each node's class mix on all the images given (EM, Saerens et al. 2002) and correct "
+    "its probabilities for it: for a batch whose mix differs from the training images' (a new season, "
+    "another shop). Every node then runs on every image, and nothing is printed before all are done.",
+)  # fmt: skip
 _batch_option = click.option("--batch-size", type=click.IntRange(min=1),
                              help="Images per batch [default: 256 on a GPU, 32 on the CPU].")  # fmt: skip
 _workers_option = click.option(
@@ -398,6 +404,7 @@ def _batch_size(batch_size: int | None, device: str, runtime: str) -> int:
 )
 @_min_conf_option
 @_decode_option
+@_adapt_option
 @_batch_option
 @_workers_option
 @_device_option
@@ -417,8 +424,8 @@ def _batch_size(batch_size: int | None, device: str, runtime: str) -> int:
     show_default=True,
     help="Also name the product attributes (gender, colour, ...) that the model folder has classifiers for.",
 )
-def predict(inputs, models, top_k, min_confidence, decode, batch_size, workers, device, precision, runtime, fmt,
-            attributes) -> None:  # fmt: skip
+def predict(inputs, models, top_k, min_confidence, decode, adapt_priors, batch_size, workers, device, precision,
+            runtime, fmt, attributes) -> None:  # fmt: skip
     """Name the class of images at every level of the tree.
 
     INPUTS are image files or folders (searched recursively). Every node model is loaded once and
@@ -433,7 +440,7 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, workers, 
     paths = collect_images(inputs)
     cascade = open_cascade(models, runtime, device, precision, attributes)
     batch_size = _batch_size(batch_size, device, runtime)
-    predictions = cascade.predict(paths, batch_size, top_k, decode, min_confidence, workers)
+    predictions = cascade.predict(paths, batch_size, top_k, decode, min_confidence, workers, adapt_priors=adapt_priors)
     failed = write_predictions(predictions, fmt, cascade.tree.max_depth, top_k, sys.stdout, list(cascade.attributes))
     if failed:
         click.echo(f"{failed} of {len(paths)} image(s) could not be predicted.", err=True)
@@ -467,13 +474,14 @@ def predict(inputs, models, top_k, min_confidence, decode, batch_size, workers, 
 )
 @_decode_option
 @_min_conf_option
+@_adapt_option
 @_batch_option
 @_workers_option
 @_device_option
 @_precision_option
 @_runtime_option
 def evaluate(data, models, csv_file, levels, path_column, image_root, out, attributes_csv, fmt, decode,
-             min_confidence, batch_size, workers, device, precision, runtime) -> None:  # fmt: skip
+             min_confidence, adapt_priors, batch_size, workers, device, precision, runtime) -> None:  # fmt: skip
     """Measure the whole cascade on labelled images.
 
     DATA is a split folder from `lcpn prepare` (its end-to-end test set is used) or a labelled
@@ -513,7 +521,8 @@ def evaluate(data, models, csv_file, levels, path_column, image_root, out, attri
         training = None
         click.echo(f"Not checked whether the images were used in training: {exc}.", err=True)
     batch_size = _batch_size(batch_size, device, runtime)
-    result = run_evaluate(cascade, items, out, batch_size, decode, min_confidence, excluded, training, workers)
+    result = run_evaluate(cascade, items, out, batch_size, decode, min_confidence, excluded, training, workers,
+                          adapt_priors)  # fmt: skip
     metrics = result.metrics
     if metrics["n_images"] == 0:
         reasons = "; ".join(f"{reason}: {n}" for reason, n in metrics["left_out"].items())

@@ -51,13 +51,15 @@ class EvaluationResult:
 def evaluate(
     cascade: Cascade, items: list[LabelledImage], out: Path | None = None, batch_size: int = 32,
     decode: str = DEFAULT_DECODE, min_confidence: float = 0.0, excluded: Sequence[Excluded] = (),
-    training: TrainingImages | None = None, workers: int | None = None,
+    training: TrainingImages | None = None, workers: int | None = None, adapt_priors: bool = False,
 ) -> EvaluationResult:  # fmt: skip
     """Predict ``items``, compute ``metrics.json`` and, if ``out`` is given, write it with the plots.
 
     ``excluded`` are the files the source scan left out; with ``training``, the images are also
     checked against the ones the models were trained on (``training_overlap``). ``workers``:
-    the input pipeline's processes (``feed``).
+    the input pipeline's processes (``feed``). With ``adapt_priors`` the paths are decoded from
+    probabilities corrected for the images' class mix (``Cascade.predict``), whose estimate per node
+    goes to ``estimated_class_mix``; the per-node local accuracy stays the models' own.
     """
     tree = cascade.tree
     left_out = [{"path": e.path, "reason": EXCLUDED_BY_SOURCE, "detail": e.reason} for e in excluded]
@@ -93,6 +95,7 @@ def evaluate(
             workers,
             on_batch=per_node,
             extra_inputs=training.per_image() if training else None,
+            adapt_priors=adapt_priors,
         )
     )
     seconds = time.perf_counter() - start - extra_seconds
@@ -111,7 +114,13 @@ def evaluate(
         "unknown_classes": dict(sorted(unknown.items())),
         "decode": decode,
         "min_confidence": min_confidence,
+        "adapt_priors": adapt_priors,
     })  # fmt: skip
+    if adapt_priors:
+        metrics["estimated_class_mix"] = {
+            node or "root": dict(zip(tree.children[node], (round(p, 6) for p in mix)))
+            for node, mix in cascade.estimated_mix.items()
+        }
     attribute_pairs = {name: _attribute_pairs(cascade, name, pairs) for name in cascade.attributes}
     if attribute_pairs:
         metrics["attributes"] = {name: {**attribute_scores(*_unzip(truth)), **counts}

@@ -23,8 +23,7 @@ from . import fsio
 from .artefacts import ArtefactError
 from .attributes import read_specs
 from .export import FORMAT, FORMAT_VERSION, INPUT, MANIFEST
-from .hierarchy import Hierarchy
-from .models import AttributeModel, Batch, ConstantNode, NodeModel, read_tree
+from .models import AttributeModel, Batch, ConstantNode, LoadedModels, NodeModel, read_tree
 from .runtime import pixels_key
 from .transforms import DataConfig, eval_transform
 
@@ -89,9 +88,9 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def load_onnx_models(folder: str | Path) -> tuple[Hierarchy, dict[str, NodeModel], dict[str, AttributeModel]]:
+def load_onnx_models(folder: str | Path) -> LoadedModels:
     """The tree, every parent node's model and every exported attribute's, from an exported folder
-    (``Cascade(*load_onnx_models(folder))``); raises ArtefactError."""
+    (``Cascade.of(load_onnx_models(folder))``); raises ArtefactError."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     tree = read_tree(folder)
@@ -110,4 +109,5 @@ def load_onnx_models(folder: str | Path) -> tuple[Hierarchy, dict[str, NodeModel
             models[node] = OnnxNode(d["classes"], graph, slice(start, start + len(d["classes"])))
             start += len(d["classes"])
     attributes = {name: AttributeModel(specs[name], models[specs[name].node]) for name in exported}
-    return tree, {node: models[node] for node in manifest["nodes"]}, attributes
+    priors = {node: d["prior"] for node, d in manifest["nodes"].items() if "prior" in d}  # older exports: none
+    return LoadedModels(tree, {node: models[node] for node in manifest["nodes"]}, attributes, priors)

@@ -35,6 +35,8 @@ class Outcome:
     confidence: list[float]
     evaluated_on: str = "val"
     note: str = ""  # a line for performance.txt about how the figures relate to the saved model
+    # the class mix the model expects (its mean probability on its training images; label_shift)
+    prior: list[float] | None = None
 
     @property
     def accuracy(self) -> float:
@@ -77,6 +79,7 @@ def performance_text(path: Path, node_title: str, o: Outcome) -> dict:
         "n": len(o.y_true),
         "evaluated_on": o.evaluated_on,
         "per_class": {c: {k: report[c][k] for k in ("precision", "recall", "f1-score", "support")} for c in o.classes},
+        **({"prior": o.prior} if o.prior is not None else {}),
     }
 
 

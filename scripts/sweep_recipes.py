@@ -9,7 +9,12 @@ A recipe is a name and ``KEY=VALUE`` training options (those of ``lcpn train``, 
 plus two that only this script reads (a recipe without options is ``lcpn train --mode features``'s default):
 
 - ``backbone=A+B`` concatenates two backbones' embeddings (each embedded once, in its own store);
-- ``temperature=true`` divides each node's logits by a temperature fitted on its val images.
+- ``temperature=true`` divides each node's logits by a temperature fitted on its val images;
+- ``adapt_priors=true`` re-estimates each node's class mix on the evaluated set (``lcpn.label_shift``).
+
+``colour_features=true`` appends ``lcpn.colour``'s histogram as ``lcpn train`` does, computed once on
+each image's plain view (in ``CACHE/colour-*.pt``) and used for its mirror image too, where it is the
+same; views of 3+ (random crops) would differ, so the script refuses them with colour.
 
 Every image (train, val, test and the OOD set) is embedded once per backbone into the same embedding
 store that ``lcpn train --cache`` uses, with lcpn's own views (train images get ``views`` views; test
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -44,17 +50,23 @@ from lcpn import fsio
 from lcpn.artefacts import NodeInfo
 from lcpn.attributes import read_specs
 from lcpn.cascade import best_first
+from lcpn.colour import VERSION as COLOUR_VERSION
+from lcpn.colour import ColourHistogram
 from lcpn.config import OPTIONS, TrainConfig
 from lcpn.embedding_store import EmbeddingStore
 from lcpn.evaluate import split_test_items
 from lcpn.features import embed_images, fit_head, head_spec, open_backbone
+from lcpn.feed import PerImage, feed
 from lcpn.hierarchy import Hierarchy
+from lcpn.label_shift import adapt_tree
 from lcpn.nodes import NodeData, load_attribute_data, load_node_data
+from lcpn.recipe import data_config_for
 from lcpn.report import format_table
 from lcpn.sources import with_attributes
+from lcpn.transforms import eval_transform
 
 EMBED_STAGES = 2  # embed once with the default stage features; fewer are the embedding's last dimensions
-SCRIPT_KEYS = ("temperature",)
+SCRIPT_KEYS = ("temperature", "adapt_priors")
 TEMPERATURES = np.arange(0.5, 3.01, 0.1)
 
 
@@ -97,7 +109,8 @@ def evaluation_items(split: Path, ood: Path | None, levels: str | None, tree: Hi
 def embeddings(split: Path, cache: Path, backbone: str, config: TrainConfig, evaluated: list[str]) -> tuple:
     """{path: (views, dim)} for every split image and ``evaluated`` path (those with their mirror image),
     and the widths of the embedding's stage features."""
-    config = dataclasses.replace(config, backbone=backbone, stage_features=EMBED_STAGES, precision="fp32")
+    config = dataclasses.replace(config, backbone=backbone, stage_features=EMBED_STAGES, precision="fp32",
+                                 colour_features=False)  # fmt: skip
     shared, key = open_backbone(config)
     rows = fsio.read_csv(split / "images.csv")
     views = {r["path"]: config.views if r["split"] == "train" else 1 for r in rows}
@@ -106,6 +119,25 @@ def embeddings(split: Path, cache: Path, backbone: str, config: TrainConfig, eva
     blocks = shared.embedder.network._blocks
     widths = [blocks[i]._project_conv.out_channels for i in shared.embedder.taps]
     return embed_images(sorted(views), shared, EmbeddingStore(cache, key), views), widths
+
+
+def colour_histograms(cache: Path, config: TrainConfig, paths: list[str]) -> dict[str, torch.Tensor]:
+    """{path: colour histogram of its plain view}, kept in ``cache`` per data config."""
+    data = data_config_for(config)
+    digest = hashlib.sha256(repr((data, COLOUR_VERSION)).encode()).hexdigest()[:16]
+    file = cache / f"colour-{digest}.pt"
+    known = torch.load(file) if file.is_file() else {}
+    todo = [p for p in paths if p not in known]
+    if todo:
+        log(f"colour histograms: {len(todo)} images")
+        histogram, transform = ColourHistogram(data.mean, data.std), eval_transform(data)
+        prepare = PerImage({"x": transform})
+        with torch.no_grad():
+            for fed in feed(todo, 64, prepare, workers=2):
+                hist = histogram(fed.inputs["x"])
+                known |= {todo[i]: h for i, h in zip(fed.opened, hist)}
+        torch.save(known, file)
+    return {p: known[p] for p in paths}
 
 
 def select(feats: dict, stage_dims: list[int], stages: int) -> dict:
@@ -131,11 +163,16 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
             store[ident] = embeddings(args.split, args.cache, backbone, config, evaluated)
         feats, widths = store[ident]
         parts.append(select(feats, widths, config.stage_features))
+    if config.colour_features:
+        if config.views > 2:
+            raise ValueError(f"recipe '{name}': colour_features with views > 2 is not measured by this script")
+        colour = colour_histograms(args.cache, config, list(parts[0]))
+        parts.insert(0, {p: colour[p].expand(len(f), -1) for p, f in parts[0].items()})
     feats = {p: torch.cat([part[p] for part in parts], 1) for p in parts[0]}
     dim = next(iter(feats.values())).shape[1]
 
     started = time.perf_counter()
-    heads, temperatures = {}, {}
+    heads, temperatures, priors = {}, {}, {}
     for node in tree.parents:
         data = load_node_data(args.split, tree, node)
         if len(data.classes) == 1:
@@ -144,11 +181,14 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
         if extras.get("temperature") and data.val:
             x = torch.stack([feats[p][0] for p, _ in data.val]).float()
             temperatures[node] = fit_temperature(heads[node], x, torch.tensor([y for _, y in data.val]))
+        if extras.get("adapt_priors"):
+            train = [p for p, _ in data.train]  # the plain view: lcpn records the mean over every view
+            priors[node] = probabilities(heads[node], feats, train, False, temperatures.get(node, 1.0)).mean(0).numpy()
     fit_seconds = time.perf_counter() - started
 
     row = {"recipe": name, "options": options, **extras, "dim": dim, "fit_seconds": round(fit_seconds, 1)}
     for set_name, items in sets.items():
-        predicted = decode(tree, heads, temperatures, feats, [it.path for it in items], config.test_flips)
+        predicted = decode(tree, heads, temperatures, priors, feats, [it.path for it in items], config.test_flips)
         truth = [it.leaf for it in items]
         correct = sum(t == p for t, p in zip(truth, predicted))
         row[set_name] = {"path": round(correct / len(items), 4), "correct": correct, "images": len(items)}
@@ -189,10 +229,16 @@ def probabilities(head: torch.nn.Module, feats: dict, paths: list[str], flips: b
     return p / len(views)
 
 
-def decode(tree: Hierarchy, heads: dict, temperatures: dict, feats: dict, paths: list[str], flips: bool) -> list:
-    """The best path per image, from each node's probabilities (averaged over the mirror image with ``flips``)."""
-    probs = {node: probabilities(head, feats, paths, flips, temperatures.get(node, 1.0)).tolist()
+def decode(
+    tree: Hierarchy, heads: dict, temperatures: dict, priors: dict, feats: dict, paths: list[str], flips: bool
+) -> list:
+    """The best path per image, from each node's probabilities (averaged over the mirror image with
+    ``flips``; adapted to the set's class mix when ``priors`` has each node's val prior)."""
+    probs = {node: probabilities(head, feats, paths, flips, temperatures.get(node, 1.0)).numpy()
              for node, head in heads.items()}  # fmt: skip
+    if priors:
+        probs, _ = adapt_tree(tree, probs, priors)
+    probs = {node: p.tolist() for node, p in probs.items()}
 
     def lookup(requests):
         return {(r, node): probs[node][r] if node in probs else [1.0] for r, node in requests}
@@ -209,8 +255,8 @@ def main() -> None:
     parser.add_argument("--no-ood", action="store_true", help="evaluate on the test split only")
     parser.add_argument("--levels", help="the split's label columns when it came from a CSV (for the OOD labels.csv)")
     parser.add_argument("--recipe", action="append", required=True, metavar='"NAME KEY=VALUE ..."',
-                        help="a recipe to measure (repeat); options as lcpn train's, plus backbone=A+B and "
-                             "temperature=true")  # fmt: skip
+                        help="a recipe to measure (repeat); options as lcpn train's, plus backbone=A+B, "
+                             "temperature=true and adapt_priors=true")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("sweep.jsonl"), help="JSON lines, one per recipe (appended)")
     parser.add_argument("--attributes", action="store_true",
                         help="also fit and score a head per attribute the split records")  # fmt: skip

@@ -57,7 +57,7 @@ def node_probabilities(cascade: Cascade, paths: list[str]) -> dict[str, torch.Te
 
 def assert_same_probabilities(models: Path, exported: Path, paths: list[str]) -> None:
     torch_probs = node_probabilities(Cascade.load(models, "cpu", "fp32"), paths)
-    onnx_probs = node_probabilities(Cascade(*load_onnx_models(exported)), paths)
+    onnx_probs = node_probabilities(Cascade.of(load_onnx_models(exported)), paths)
     assert torch_probs.keys() == onnx_probs.keys() and len(torch_probs) >= 3
     for node, expected in torch_probs.items():
         torch.testing.assert_close(onnx_probs[node], expected, atol=1e-4, rtol=0)
@@ -152,8 +152,8 @@ def test_int8_quantises_the_backbone_and_keeps_float32s_choices(featured, split,
     heads = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")]
     assert heads and not any(i in quantised for n in heads for i in n.input)  # the heads stay float32
     images = [r["path"] for r in fsio.read_csv(split / "images.csv")]  # 46: the 6 test images alone are too few
-    quantized = node_probabilities(Cascade(*load_onnx_models(tmp_path / "int8")), images)
-    reference = node_probabilities(Cascade(*load_onnx_models(tmp_path / "fp32")), images)
+    quantized = node_probabilities(Cascade.of(load_onnx_models(tmp_path / "int8")), images)
+    reference = node_probabilities(Cascade.of(load_onnx_models(tmp_path / "fp32")), images)
     assert quantized.keys() == reference.keys()
     for probs in quantized.values():
         torch.testing.assert_close(probs.sum(1), torch.ones(len(images)), atol=1e-3, rtol=0)
