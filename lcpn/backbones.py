@@ -186,6 +186,10 @@ class Embedder(nn.Module):
         self.dim = network._conv_head.out_channels + sum(blocks[i]._project_conv.out_channels for i in self.taps)
         self.dim += colour.dim if colour is not None else 0
 
+    def without_colour(self) -> Embedder:
+        """The same network and stages without the histogram (the embedding store keeps the two apart)."""
+        return Embedder(self.network, self.stages)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.network
         pooled = [] if self.colour is None else [self.colour(x)]

@@ -66,6 +66,7 @@ MLP_BATCH = 128  # 256 was slower per epoch on a 2-core CPU (docs/benchmarks.md)
 # How _Views makes each view; part of the embedding key, so change it with _Views.view. The train transform's
 # own description is in the row ids of the views it makes (``_row_id``): changing the augmentation
 # recomputes those views only, not a whole store of plain and mirrored views.
+COLOUR_STORE = "colour"  # the histograms' store folder starts with this
 VIEW_RECIPE = "0: eval transform; 1: mirror, eval transform; n >= 2: train transform seeded by sha256[:8] + n"
 
 
@@ -113,8 +114,25 @@ def embed_images(
 
     ``views`` is the number of views for every path, or per path (missing paths get the plain view).
     New embeddings go to the store a shard at a time, so a killed run resumes where it stopped.
-    ``workers``: the input pipeline's processes (``feed``).
+    ``workers``: the input pipeline's processes (``feed``). A colour histogram is stored apart from
+    the backbone's part, in a store of its own beside ``store``: turning it on or off never runs
+    the backbone again.
     """
+    if backbone.embedder.colour is not None:
+        plain = dataclasses.replace(backbone, embedder=backbone.embedder.without_colour())
+        colour = dataclasses.replace(backbone, name=COLOUR_STORE, embedder=backbone.embedder.colour)
+        colour_store = EmbeddingStore(store.folder.parent, colour_key(backbone))
+        parts = [_embed_stored(paths, b, s, views, batch_size, workers) for b, s in ((colour, colour_store),
+                                                                                    (plain, store))]  # fmt: skip
+        return {p: torch.cat([parts[0][p], parts[1][p]], 1) for p in parts[1] if p in parts[0]}
+    return _embed_stored(paths, backbone, store, views, batch_size, workers)
+
+
+def _embed_stored(
+    paths: Sequence[str], backbone: SharedBackbone, store: EmbeddingStore, views: int | Mapping[str, int],
+    batch_size: int, workers: int | None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``embed_images`` for one store: ``backbone.embedder``'s output, whatever it is."""
     count = (lambda p: views.get(p, 1)) if isinstance(views, Mapping) else (lambda p: views)
     row_id = functools.partial(_row_id, augmentation=augmentation_id(backbone))
     shas = _hash_files(paths)
@@ -473,16 +491,22 @@ def open_backbone(config: TrainConfig) -> tuple[SharedBackbone, dict]:
 
 
 def embedding_key(backbone: SharedBackbone, weights_id: str) -> dict:
-    """Everything that changes the numbers of an embedding; the embedding store is keyed on it."""
+    """Everything that changes the numbers of the backbone's part of an embedding; its store is keyed on it."""
     data = backbone.data
     return {
         "backbone": backbone.name, "weights": weights_id,
         "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
         "eval_transform": repr(backbone.transform), "views": VIEW_RECIPE,
         "precision": backbone.runtime.precision, "stage_features": backbone.embedder.stages,
-        # only when on, so the stores of embeddings without colour keep their keys
-        **({"colour": COLOUR_VERSION} if backbone.embedder.colour is not None else {}),
     }  # fmt: skip
+
+
+def colour_key(backbone: SharedBackbone) -> dict:
+    """The key of the colour histograms' store: the pixels they read, and the histogram's version."""
+    data = backbone.data
+    return {"backbone": COLOUR_STORE, "version": COLOUR_VERSION, "image_size": data.image_size,
+            "mean": list(data.mean), "std": list(data.std), "eval_transform": repr(backbone.transform),
+            "views": VIEW_RECIPE}  # fmt: skip
 
 
 def backbone_info(backbone: SharedBackbone, key: dict) -> NodeInfo:
@@ -490,7 +514,8 @@ def backbone_info(backbone: SharedBackbone, key: dict) -> NodeInfo:
     return NodeInfo(node="(shared backbone)", classes=[], kind="backbone", mode="features",
                     backbone=backbone.name, data=backbone.data.to_dict(),
                     config={"weights_id": key["weights"], "precision": key["precision"],
-                            "stage_features": key["stage_features"], "colour_features": "colour" in key,
+                            "stage_features": key["stage_features"],
+                            "colour_features": backbone.embedder.colour is not None,
                             "test_flips": backbone.test_flips})  # fmt: skip
 
 

@@ -12,9 +12,8 @@ plus two that only this script reads (a recipe without options is ``lcpn train -
 - ``temperature=true`` divides each node's logits by a temperature fitted on its val images;
 - ``adapt_priors=true`` re-estimates each node's class mix on the evaluated set (``lcpn.label_shift``).
 
-``colour_features=true`` appends ``lcpn.colour``'s histogram as ``lcpn train`` does, computed once on
-each image's plain view (in ``CACHE/colour-*.pt``) and used for its mirror image too, where it is the
-same; views of 3+ (random crops) would differ, so the script refuses them with colour.
+``colour_features=true`` puts ``lcpn.colour``'s histogram first, as ``lcpn train`` does (its own store
+beside the backbone's, so the backbone does not run again).
 
 Every image (train, val, test and the OOD set) is embedded once per backbone into the same embedding
 store that ``lcpn train --cache`` uses, with lcpn's own views (train images get ``views`` views; test
@@ -34,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -50,20 +48,15 @@ from lcpn import fsio
 from lcpn.artefacts import NodeInfo
 from lcpn.attributes import read_specs
 from lcpn.cascade import best_first
-from lcpn.colour import VERSION as COLOUR_VERSION
-from lcpn.colour import ColourHistogram
 from lcpn.config import OPTIONS, TrainConfig
 from lcpn.embedding_store import EmbeddingStore
 from lcpn.evaluate import split_test_items
 from lcpn.features import embed_images, fit_head, head_spec, open_backbone
-from lcpn.feed import PerImage, feed
 from lcpn.hierarchy import Hierarchy
 from lcpn.label_shift import adapt_tree
 from lcpn.nodes import NodeData, load_attribute_data, load_node_data
-from lcpn.recipe import data_config_for
 from lcpn.report import format_table
 from lcpn.sources import with_attributes
-from lcpn.transforms import eval_transform
 
 EMBED_STAGES = 2  # embed once with the default stage features; fewer are the embedding's last dimensions
 SCRIPT_KEYS = ("temperature", "adapt_priors")
@@ -108,42 +101,24 @@ def evaluation_items(split: Path, ood: Path | None, levels: str | None, tree: Hi
 
 def embeddings(split: Path, cache: Path, backbone: str, config: TrainConfig, evaluated: list[str]) -> tuple:
     """{path: (views, dim)} for every split image and ``evaluated`` path (those with their mirror image),
-    and the widths of the embedding's stage features."""
-    config = dataclasses.replace(config, backbone=backbone, stage_features=EMBED_STAGES, precision="fp32",
-                                 colour_features=False)  # fmt: skip
+    and the widths of the embedding's colour histogram and stage features."""
+    config = dataclasses.replace(config, backbone=backbone, stage_features=EMBED_STAGES, precision="fp32")
     shared, key = open_backbone(config)
     rows = fsio.read_csv(split / "images.csv")
     views = {r["path"]: config.views if r["split"] == "train" else 1 for r in rows}
     views |= {p: max(2, views.get(p, 1)) for p in evaluated}
     log(f"embeddings: {backbone}, {config.square}, {len(views)} images")
-    blocks = shared.embedder.network._blocks
-    widths = [blocks[i]._project_conv.out_channels for i in shared.embedder.taps]
-    return embed_images(sorted(views), shared, EmbeddingStore(cache, key), views), widths
+    embedder = shared.embedder
+    widths = [embedder.network._blocks[i]._project_conv.out_channels for i in embedder.taps]
+    colour = embedder.colour.dim if embedder.colour is not None else 0
+    return embed_images(sorted(views), shared, EmbeddingStore(cache, key), views), (colour, widths)
 
 
-def colour_histograms(cache: Path, config: TrainConfig, paths: list[str]) -> dict[str, torch.Tensor]:
-    """{path: colour histogram of its plain view}, kept in ``cache`` per data config."""
-    data = data_config_for(config)
-    digest = hashlib.sha256(repr((data, COLOUR_VERSION)).encode()).hexdigest()[:16]
-    file = cache / f"colour-{digest}.pt"
-    known = torch.load(file) if file.is_file() else {}
-    todo = [p for p in paths if p not in known]
-    if todo:
-        log(f"colour histograms: {len(todo)} images")
-        histogram, transform = ColourHistogram(data.mean, data.std), eval_transform(data)
-        prepare = PerImage({"x": transform})
-        with torch.no_grad():
-            for fed in feed(todo, 64, prepare, workers=2):
-                hist = histogram(fed.inputs["x"])
-                known |= {todo[i]: h for i, h in zip(fed.opened, hist)}
-        torch.save(known, file)
-    return {p: known[p] for p in paths}
-
-
-def select(feats: dict, stage_dims: list[int], stages: int) -> dict:
-    """Keep the pooled outputs of the last ``stages`` stages and the final features."""
+def select(feats: dict, dims: tuple[int, list[int]], stages: int) -> dict:
+    """Keep the colour histogram (if any), the pooled outputs of the last ``stages`` stages and the final features."""
+    colour, stage_dims = dims
     drop = sum(stage_dims[: len(stage_dims) - stages])
-    return {p: f[:, drop:] for p, f in feats.items()}
+    return {p: torch.cat([f[:, :colour], f[:, colour + drop :]], 1) for p, f in feats.items()}
 
 
 def fit_temperature(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -158,16 +133,11 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
     evaluated = [it.path for items in sets.values() for it in items]
     parts = []
     for backbone in config.backbone.split("+"):
-        ident = (backbone, config.square, config.views)
+        ident = (backbone, config.square, config.views, config.colour_features)
         if ident not in store:
             store[ident] = embeddings(args.split, args.cache, backbone, config, evaluated)
         feats, widths = store[ident]
         parts.append(select(feats, widths, config.stage_features))
-    if config.colour_features:
-        if config.views > 2:
-            raise ValueError(f"recipe '{name}': colour_features with views > 2 is not measured by this script")
-        colour = colour_histograms(args.cache, config, list(parts[0]))
-        parts.insert(0, {p: colour[p].expand(len(f), -1) for p, f in parts[0].items()})
     feats = {p: torch.cat([part[p] for part in parts], 1) for p in parts[0]}
     dim = next(iter(feats.values())).shape[1]
 

@@ -84,9 +84,12 @@ def test_colour_features_are_trained_recorded_and_predicted_with(split, tmp_path
     backbone = artefacts.read_info(models / "backbone")
     assert backbone.config["colour_features"] is True
     assert artefacts.read_info(models / "parent").head["in_features"] == COLOURS + 4 + 192 + 320 + 1280
-    # a store of its own: the embeddings without colour keep theirs
+    # the histograms have a store of their own beside the backbone's, which stays the one without colour
+    stores = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    assert stores == ["colour", "efficientnet"]
+    shards = sorted((tmp_path / "cache").rglob("shard-*.npy"))
     train_nodes(split, tmp_path / "plain", config.replace(colour_features=False))
-    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+    assert sorted((tmp_path / "cache").rglob("shard-*.npy")) == shards  # nothing embedded again
     assert artefacts.read_info(tmp_path / "plain" / "backbone").config["colour_features"] is False
 
     cascade = Cascade.load(models, "cpu")
