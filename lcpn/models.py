@@ -241,7 +241,8 @@ class _Loader:
     def node(self, node: str) -> NodeModel:
         loaded = artefacts.load_node(self.models / self.tree.folders[node])
         check_fits(self.tree, node, loaded.info.classes)
-        self.priors[node] = class_prior(loaded.info)
+        if loaded.info.kind != "constant":
+            self.priors[node] = class_prior(loaded.info)
         return self._model(loaded, f"node '{node or 'root'}'")
 
     def attribute(self, spec: AttributeSpec) -> AttributeModel:
