@@ -77,7 +77,7 @@ class TrainConfig:
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
     linear_class_weights: bool = False  # features mode: the logistic regression weighs classes as the MLPs do
     stage_features: int = 2  # features mode: pooled outputs of the backbone's last N stages join the embedding
-    colour_features: bool = False  # features mode: a colour histogram of the input joins the embedding
+    colour_features: bool = True  # features mode: a colour histogram of the input joins the embedding
     views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
     precision: str = "auto"  # finetune: auto is mixed precision on CUDA; features: auto is fp32 (bf16 by name)
     test_flips: bool = True  # features mode: predict from each picture and its mirror image, averaged
