@@ -17,16 +17,12 @@ from lcpn.train import train_nodes
 
 
 def features_config(tmp_path, **kw):
+    """Features mode at 32 px, without the colour histogram: these tests count and size the backbone's
+    part of the embedding (the histogram has tests of its own, test_colour.py)."""
     return TrainConfig(
-        mode="features",
-        backbone="efficientnet-lite0",
-        image_size=32,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        cache=str(tmp_path / "cache"),
-        **kw,
-    )
+        **{"mode": "features", "backbone": "efficientnet-lite0", "image_size": 32, "batch_size": 8, "workers": 0,
+           "device": "cpu", "cache": str(tmp_path / "cache"), "colour_features": False, **kw}
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +245,7 @@ def test_features_flags_of_lcpn_train_reach_the_node(split, tmp_path):
     args = ["train", "--data", split, "--out", tmp_path / "m", "--node", "b", "--mode", "features",
             "--backbone", "efficientnet-lite0", "--image-size", "32", "--device", "cpu",
             "--head", "mlp", "--mlp-members", "2", "--views", "1", "--precision", "fp32", "--cache", cache,
-            "--stage-features", "1"]  # fmt: skip
+            "--stage-features", "1", "--no-colour-features"]  # fmt: skip
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     info = artefacts.read_info(tmp_path / "m" / "b")
