@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from collections import Counter
@@ -495,6 +496,7 @@ def main() -> None:
     feats = embed_images(list(views), backbone, EmbeddingStore(work / "embeddings", key), views, BATCH)
     embed_seconds = time.perf_counter() - t0
     log("train features mode (embedding cache warm)")
+    shutil.rmtree(models, ignore_errors=True)  # a fresh folder: another recipe's attribute heads would pin its backbone
     t0 = time.perf_counter()
     train_nodes(split, models, config, force=True, attributes=[])
     features_seconds = time.perf_counter() - t0
