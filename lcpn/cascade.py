@@ -265,8 +265,11 @@ class Cascade:
         _check_decoder(decode)
         trained = [n for n in self.tree.parents if len(self.nodes[n].classes) > 1]
         if missing := [n or "root" for n in trained if n not in self.priors]:
-            raise ArtefactError(f"no class prior for node(s) {', '.join(missing)} (an export made before they were "
-                                "recorded); export the models again to use --adapt-priors")  # fmt: skip
+            raise ArtefactError(
+                f"--adapt-priors needs logistic-regression heads (`lcpn train --mode features --head linear`), "
+                f"whose probabilities are calibrated to their training mix; node(s) {', '.join(missing)} have "
+                "another head, a fine-tuned network or no recorded mix (EM collapses on class-weighted models)"
+            )
         fed_batches, answers, table = [], {}, {n: [] for n in trained}
         for fed in feed(sources, batch_size, prepare, workers, pin_memory=True):
             batch, probs, opened = Batch(prepared=fed.inputs), {}, fed.opened

@@ -367,7 +367,8 @@ _adapt_option = click.option(
     "--adapt-priors", is_flag=True,
     help="Re-estimate each node's class mix on all the images given (EM, Saerens et al. 2002) and correct "
     "its probabilities for it: for a batch whose mix differs from the training images' (a new season, "
-    "another shop). Every node then runs on every image, and nothing is printed before all are done.",
+    "another shop). Needs logistic-regression heads (train with --head linear). Every node then runs on "
+    "every image, and nothing is printed before all are done.",
 )  # fmt: skip
 _batch_option = click.option("--batch-size", type=click.IntRange(min=1),
                              help="Images per batch [default: 256 on a GPU, 32 on the CPU].")  # fmt: skip

@@ -189,7 +189,7 @@ def make_manifest(folder: Path, loaded: LoadedModels, written: list[Graph], quan
         "files": {name: fsio.file_sha256(folder / name) for name in [HIERARCHY, *(g.file for g in written)]},
         "models": {g.file: {"data": g.data.to_dict(), "outputs": g.outputs} for g in written},
         "nodes": {
-            node: describe(node, m) | ({} if isinstance(m, ConstantNode) else {"prior": loaded.priors[node]})
+            node: describe(node, m) | ({"prior": loaded.priors[node]} if node in loaded.priors else {})
             for node, m in loaded.nodes.items()
         },  # fmt: skip
         "attributes": {name: describe(a.spec.node, a.model) for name, a in loaded.attributes.items()},

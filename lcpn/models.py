@@ -156,19 +156,20 @@ class LoadedModels:
     tree: Hierarchy
     nodes: dict[str, NodeModel]  # by node id
     attributes: dict[str, AttributeModel]  # by attribute name, in the order of hierarchy.json
-    priors: dict[str, list[float]] = field(default_factory=dict)  # by node id: the class mix each node expects
+    priors: dict[str, list[float]] = field(default_factory=dict)  # by node id, see class_prior
 
 
-def class_prior(info: NodeInfo) -> list[float]:
-    """The class mix a node's model expects: its mean probability on its training images
-    (``metrics.prior``; features mode), else the val images' class shares (finetune mode, older
-    folders), else uniform."""
-    metrics = info.metrics or {}
-    if len(metrics.get("prior") or ()) == len(info.classes):
-        return [float(p) for p in metrics["prior"]]
-    support = [metrics.get("per_class", {}).get(c, {}).get("support", 0) for c in info.classes]
-    total = sum(support)
-    return [s / total for s in support] if total else [1 / len(info.classes)] * len(info.classes)
+def class_prior(info: NodeInfo) -> list[float] | None:
+    """The class mix a logistic-regression head expects (its mean probability on its training images,
+    ``metrics.prior``), which ``--adapt-priors`` starts from; None for the other models.
+
+    Only a logistic regression's probabilities are calibrated to its training mix: the MLPs of mlp and
+    ensemble heads and fine-tuned networks are trained with class weights, and EM on their
+    probabilities collapsed on the catalogue (a 7-image class took 30% of the OOD set; docs/benchmarks.md).
+    """
+    prior = (info.metrics or {}).get("prior")
+    calibrated = info.mode == "features" and info.head.get("type") == "linear"
+    return [float(p) for p in prior] if calibrated and prior and len(prior) == len(info.classes) else None
 
 
 def read_tree(models: str | Path) -> Hierarchy:
@@ -241,8 +242,8 @@ class _Loader:
     def node(self, node: str) -> NodeModel:
         loaded = artefacts.load_node(self.models / self.tree.folders[node])
         check_fits(self.tree, node, loaded.info.classes)
-        if loaded.info.kind != "constant":
-            self.priors[node] = class_prior(loaded.info)
+        if (prior := class_prior(loaded.info)) is not None:
+            self.priors[node] = prior
         return self._model(loaded, f"node '{node or 'root'}'")
 
     def attribute(self, spec: AttributeSpec) -> AttributeModel:

@@ -71,8 +71,6 @@ def test_features_mode_is_one_graph_that_gives_torchs_probabilities(featured, te
     assert list(manifest["models"]) == ["lcpn.onnx"] and sorted(p.name for p in out.iterdir()) == [
         "hierarchy.json", "lcpn.onnx", "manifest.json"]  # fmt: skip
     assert manifest["nodes"][""]["output"] == "/" and manifest["nodes"]["c"] == {"classes": ["only"], "constant": True}
-    # the class mix each node expects travels with the export, for --adapt-priors
-    assert Cascade.of(load_onnx_models(out)).priors == Cascade.load(featured, "cpu").priors
     assert manifest["files"]["lcpn.onnx"] == fsio.file_sha256(out / "lcpn.onnx")
     assert manifest["models"]["lcpn.onnx"]["data"] == {"image_size": 32, "mean": [0.498] * 3, "std": [0.502] * 3,
                                                        "square": "squash"}  # fmt: skip
@@ -85,9 +83,7 @@ def test_finetune_mode_is_one_file_per_node_that_gives_torchs_probabilities(fine
     out = tmp_path / "onnx"
     manifest = export(finetuned, out)
     assert sorted(manifest["models"]) == ["nodes/a.onnx", "nodes/a/x.onnx", "nodes/b.onnx", "nodes/parent.onnx"]
-    # a fine-tuned node's prior: its val images' class shares
-    assert manifest["nodes"]["a/x"] == {"classes": ["p", "q"], "file": "nodes/a/x.onnx", "output": "/a/x",
-                                        "prior": [0.5, 0.5]}  # fmt: skip
+    assert manifest["nodes"]["a/x"] == {"classes": ["p", "q"], "file": "nodes/a/x.onnx", "output": "/a/x"}
     assert_same_probabilities(finetuned, out, test_images)
 
 

@@ -98,6 +98,32 @@ def test_adapted_prediction_keeps_order_and_errors_and_follows_the_batch(linear_
     assert [p.path for p in adapted].count([]) == [p.path for p in plain].count([]) == 1
 
 
+def test_the_priors_travel_with_the_export_and_onnx_adapts_as_torch_does(linear_models, split, tmp_path):
+    from lcpn.export import export
+    from lcpn.onnx_runtime import load_onnx_models
+
+    manifest = export(linear_models, tmp_path / "onnx")
+    torch_cascade, onnx_cascade = Cascade.load(linear_models, "cpu"), Cascade.of(load_onnx_models(tmp_path / "onnx"))
+    assert onnx_cascade.priors == torch_cascade.priors and manifest["nodes"][""]["prior"] == torch_cascade.priors[""]
+    paths = [r["path"] for r in read_csv(split / "test.csv")]
+    by_torch = list(torch_cascade.predict(paths, adapt_priors=True))
+    by_onnx = list(onnx_cascade.predict(paths, adapt_priors=True))
+    assert [p.path for p in by_onnx] == [p.path for p in by_torch]
+    for node, mix in torch_cascade.estimated_mix.items():
+        assert onnx_cascade.estimated_mix[node] == pytest.approx(mix, abs=1e-4)
+
+
+def test_models_whose_probabilities_are_not_calibrated_are_refused(split, tmp_path):
+    config = TrainConfig(mode="features", backbone="efficientnet-lite0", image_size=32, batch_size=8, workers=0,
+                         device="cpu", cache=str(tmp_path / "cache"), head="mlp", head_epochs=2,
+                         mlp_members=1)  # fmt: skip
+    train_nodes(split, tmp_path / "models", config)
+    image = write_image(tmp_path / "i.png", (200, 30, 30), size=32)
+    result = CliRunner().invoke(main, ["predict", str(image), "--models", str(tmp_path / "models"), "--adapt-priors"])
+    assert result.exit_code == 2
+    assert "--adapt-priors needs logistic-regression heads" in result.output and "node(s) root, " in result.output
+
+
 def test_predict_and_evaluate_take_adapt_priors(linear_models, split, tmp_path):
     image = write_image(tmp_path / "i.png", (200, 30, 30), size=32)
     predicted = CliRunner().invoke(main, ["predict", str(image), "--models", str(linear_models), "--adapt-priors",
