@@ -76,6 +76,7 @@ class TrainConfig:
     mlp_members: int = 3  # features mode: MLPs (different seeds) averaged in an mlp or ensemble head
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
     linear_class_weights: bool = False  # features mode: the logistic regression weighs classes as the MLPs do
+    temperature: bool = False  # features mode: the logistic regression's logits divided by a temperature fitted on val
     stage_features: int = 2  # features mode: pooled outputs of the backbone's last N stages join the embedding
     colour_features: bool = True  # features mode: a colour histogram of the input joins the embedding
     views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
@@ -165,6 +166,10 @@ OPTIONS: dict[str, Option] = {
     "linear_class_weights": Option(click.BOOL, "features mode: the logistic regression weighs each class by "
                                    "1/sqrt(its frequency), capped, as the MLP heads do.", FEATURES,
                                    flag="--linear-class-weights/--no-linear-class-weights"),
+    "temperature": Option(click.BOOL, "features mode: divide the logistic regression's logits by a temperature "
+                          "fitted on val (lowest val log-loss; folded into its weights), for calibrated "
+                          "probabilities in best-path decoding and --adapt-priors.", FEATURES,
+                          flag="--temperature/--no-temperature"),
     "stage_features": Option(click.IntRange(min=0), "features mode: append the pooled outputs of the backbone's "
                              "last N stages to its final features (0: the final features only; same single "
                              "pass).", FEATURES),

@@ -325,6 +325,9 @@ def _fit_linear(
                 best = (entry, copy.deepcopy(clf), pv)
         entry, clf, pv = best
         entry["best"], spec["C"] = True, entry["C"]
+        if config.temperature:
+            spec["temperature"] = fit_temperature(pv, yv)
+            pv = tempered(pv, spec["temperature"])
         note = ""
         if config.refit and hd.evaluated_on == "val":
             note = "figures from the fit on train alone; the saved logistic regression was refit on train + val"
@@ -332,8 +335,24 @@ def _fit_linear(
             if len(np.unique(y_all)) != len(clf.classes_):  # a class seen in val only: no solution to start from
                 clf.set_params(warm_start=False)
             clf.fit(np.concatenate([xt, xv]), y_all, sample_weight=None if weights is None else weights[y_all])
-    _load_linear(layer, clf, n_classes)
+    _load_linear(layer, clf, n_classes, spec.get("temperature", 1.0))
     return history, torch.as_tensor(pv, dtype=torch.float32), note
+
+
+TEMPERATURES = np.round(np.arange(0.5, 3.01, 0.1), 2)
+
+
+def tempered(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities whose logits are divided by ``temperature``."""
+    logits = np.log(np.clip(proba, 1e-12, None)) / temperature
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
+    """The temperature of a grid with the lowest log-loss of ``proba``'s tempered probabilities on ``y``."""
+    losses = [-np.log(np.clip(tempered(proba, t)[np.arange(len(y)), y], 1e-12, None)).mean() for t in TEMPERATURES]
+    return float(TEMPERATURES[int(np.argmin(losses))])
 
 
 def _full_proba(clf, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -343,8 +362,9 @@ def _full_proba(clf, x: np.ndarray, n_classes: int) -> np.ndarray:
     return out / out.sum(1, keepdims=True)  # exact sums for log_loss despite float32 inputs
 
 
-def _load_linear(layer: nn.Linear, clf, n_classes: int) -> None:
-    """Copy a fitted LogisticRegression into a linear layer (the same softmax outputs)."""
+def _load_linear(layer: nn.Linear, clf, n_classes: int, temperature: float = 1.0) -> None:
+    """Copy a fitted LogisticRegression into a linear layer (the same softmax outputs; with a
+    ``temperature``, those of its logits divided by it)."""
     coef = torch.as_tensor(clf.coef_, dtype=torch.float32)
     bias = torch.as_tensor(clf.intercept_, dtype=torch.float32)
     if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
@@ -353,8 +373,8 @@ def _load_linear(layer: nn.Linear, clf, n_classes: int) -> None:
     full_bias = torch.full((n_classes,), -1e4)  # a class never seen in training is never predicted
     weight[clf.classes_], full_bias[clf.classes_] = coef, bias
     with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer.bias.copy_(full_bias)
+        layer.weight.copy_(weight / temperature)
+        layer.bias.copy_(full_bias / temperature)
 
 
 def _fit_mlps(

@@ -9,7 +9,6 @@ A recipe is a name and ``KEY=VALUE`` training options (those of ``lcpn train``, 
 plus two that only this script reads (a recipe without options is ``lcpn train --mode features``'s default):
 
 - ``backbone=A+B`` concatenates two backbones' embeddings (each embedded once, in its own store);
-- ``temperature=true`` divides each node's logits by a temperature fitted on its val images;
 - ``adapt_priors=true`` re-estimates each node's class mix on the evaluated set (``lcpn.label_shift``).
 
 ``colour_features=true`` puts ``lcpn.colour``'s histogram first, as ``lcpn train`` does (its own store
@@ -40,7 +39,6 @@ from collections import Counter
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 from benchmark import DEFAULT_OOD, ood_items  # scripts/ is on the path when a script runs
 
@@ -59,8 +57,7 @@ from lcpn.report import format_table
 from lcpn.sources import with_attributes
 
 EMBED_STAGES = 2  # embed once with the default stage features; fewer are the embedding's last dimensions
-SCRIPT_KEYS = ("temperature", "adapt_priors")
-TEMPERATURES = np.arange(0.5, 3.01, 0.1)
+SCRIPT_KEYS = ("adapt_priors",)
 
 
 def log(msg: str) -> None:
@@ -121,13 +118,6 @@ def select(feats: dict, dims: tuple[int, list[int]], stages: int) -> dict:
     return {p: torch.cat([f[:, :colour], f[:, colour + drop :]], 1) for p, f in feats.items()}
 
 
-def fit_temperature(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = head(x).float()
-    losses = [torch.nn.functional.cross_entropy(logits / t, y).item() for t in TEMPERATURES]
-    return float(TEMPERATURES[int(np.argmin(losses))])
-
-
 def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, sets: dict, store: dict) -> dict:
     config = TrainConfig(**{"mode": "features", "device": "cpu", **options}).resolved()
     evaluated = [it.path for items in sets.values() for it in items]
@@ -142,23 +132,20 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
     dim = next(iter(feats.values())).shape[1]
 
     started = time.perf_counter()
-    heads, temperatures, priors = {}, {}, {}
+    heads, priors = {}, {}
     for node in tree.parents:
         data = load_node_data(args.split, tree, node)
         if len(data.classes) == 1:
             continue
         heads[node] = fit(data, feats, config, dim)
-        if extras.get("temperature") and data.val:
-            x = torch.stack([feats[p][0] for p, _ in data.val]).float()
-            temperatures[node] = fit_temperature(heads[node], x, torch.tensor([y for _, y in data.val]))
         if extras.get("adapt_priors"):
             train = [p for p, _ in data.train]  # the plain view: lcpn records the mean over every view
-            priors[node] = probabilities(heads[node], feats, train, False, temperatures.get(node, 1.0)).mean(0).numpy()
+            priors[node] = probabilities(heads[node], feats, train, False).mean(0).numpy()
     fit_seconds = time.perf_counter() - started
 
     row = {"recipe": name, "options": options, **extras, "dim": dim, "fit_seconds": round(fit_seconds, 1)}
     for set_name, items in sets.items():
-        predicted = decode(tree, heads, temperatures, priors, feats, [it.path for it in items], config.test_flips)
+        predicted = decode(tree, heads, priors, feats, [it.path for it in items], config.test_flips)
         truth = [it.leaf for it in items]
         correct = sum(t == p for t, p in zip(truth, predicted))
         row[set_name] = {"path": round(correct / len(items), 4), "correct": correct, "images": len(items)}
@@ -191,21 +178,18 @@ def score_attributes(split: Path, feats: dict, config: TrainConfig, dim: int, se
     return scores
 
 
-def probabilities(head: torch.nn.Module, feats: dict, paths: list[str], flips: bool, temperature: float = 1.0):
+def probabilities(head: torch.nn.Module, feats: dict, paths: list[str], flips: bool):
     """A head's class probabilities per path, averaged over the mirror image with ``flips``."""
     views = [0, 1] if flips else [0]
     with torch.no_grad():
-        p = sum((head(torch.stack([feats[q][v] for q in paths]).float()) / temperature).softmax(1) for v in views)
+        p = sum(head(torch.stack([feats[q][v] for q in paths]).float()).softmax(1) for v in views)
     return p / len(views)
 
 
-def decode(
-    tree: Hierarchy, heads: dict, temperatures: dict, priors: dict, feats: dict, paths: list[str], flips: bool
-) -> list:
+def decode(tree: Hierarchy, heads: dict, priors: dict, feats: dict, paths: list[str], flips: bool) -> list:
     """The best path per image, from each node's probabilities (averaged over the mirror image with
     ``flips``; adapted to the set's class mix when ``priors`` has each node's val prior)."""
-    probs = {node: probabilities(head, feats, paths, flips, temperatures.get(node, 1.0)).numpy()
-             for node, head in heads.items()}  # fmt: skip
+    probs = {node: probabilities(head, feats, paths, flips).numpy() for node, head in heads.items()}
     if priors:
         probs, _ = adapt_tree(tree, probs, priors)
     probs = {node: p.tolist() for node, p in probs.items()}
@@ -225,8 +209,8 @@ def main() -> None:
     parser.add_argument("--no-ood", action="store_true", help="evaluate on the test split only")
     parser.add_argument("--levels", help="the split's label columns when it came from a CSV (for the OOD labels.csv)")
     parser.add_argument("--recipe", action="append", required=True, metavar='"NAME KEY=VALUE ..."',
-                        help="a recipe to measure (repeat); options as lcpn train's, plus backbone=A+B, "
-                             "temperature=true and adapt_priors=true")  # fmt: skip
+                        help="a recipe to measure (repeat); options as lcpn train's, plus backbone=A+B and "
+                             "adapt_priors=true")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("sweep.jsonl"), help="JSON lines, one per recipe (appended)")
     parser.add_argument("--attributes", action="store_true",
                         help="also fit and score a head per attribute the split records")  # fmt: skip

@@ -63,6 +63,32 @@ def test_a_node_mix_counts_only_the_images_that_reach_it():
     assert adapted["a"].shape == under_a.shape and np.allclose(adapted["a"].sum(1), 1)
 
 
+def test_the_temperature_fitted_is_the_one_that_made_the_labels():
+    from lcpn.features import fit_temperature, tempered
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (6000, 3))
+    truth = tempered(np.exp(logits), 2.0)  # the labels follow logits / 2: the raw softmax is overconfident
+    y = np.array([rng.choice(3, p=p) for p in truth])
+    assert fit_temperature(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), y) == pytest.approx(2.0, abs=0.2)
+
+
+def test_a_linear_head_with_a_temperature_divides_its_logits_by_it(linear_models, split, tmp_path):
+    import torch
+
+    config = TrainConfig(mode="features", backbone="efficientnet-lite0", image_size=32, batch_size=8, workers=0,
+                         device="cpu", cache=str(linear_models.parent / "cache"), head="linear",
+                         temperature=True)  # fmt: skip
+    train_nodes(split, tmp_path / "models", config)
+    plain, tempered_head = (artefacts.load_node(m / "parent") for m in (linear_models, tmp_path / "models"))
+    t = tempered_head.info.head["temperature"]
+    assert 0.5 <= t <= 3.0 and "temperature" not in plain.info.head
+    x = torch.randn(7, plain.info.head["in_features"])
+    with torch.no_grad():
+        expected = (plain.network(x) / t).softmax(1)
+        torch.testing.assert_close(tempered_head.network(x).softmax(1), expected, atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def linear_models(split, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapt")
