@@ -78,7 +78,7 @@ class TrainConfig:
     linear_class_weights: bool = False  # features mode: the logistic regression weighs classes as the MLPs do
     temperature: bool = False  # features mode: the logistic regression's logits divided by a temperature fitted on val
     stage_features: int = 2  # features mode: pooled outputs of the backbone's last N stages join the embedding
-    colour_features: bool = True  # features mode: a colour histogram of the input joins the embedding
+    colour_features: bool = False  # features mode: a colour histogram of the input joins the embedding
     views: int = 2  # features mode: embeddings per training image (1 plain, 2 adds the mirror, 3+ crops)
     precision: str = "auto"  # finetune: auto is mixed precision on CUDA; features: auto is fp32 (bf16 by name)
     test_flips: bool = True  # features mode: predict from each picture and its mirror image, averaged

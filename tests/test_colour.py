@@ -76,10 +76,6 @@ def test_the_embedder_puts_the_histogram_first_and_keeps_float32_under_bf16():
     assert fast.dtype == torch.float32 and torch.equal(fast[:, : COLOURS + 4], colour(x))
 
 
-def test_colour_features_are_features_modes_default():
-    assert TrainConfig(mode="features").resolved().colour_features is True
-
-
 def test_colour_features_are_trained_recorded_and_predicted_with(split, tmp_path):
     config = TrainConfig(mode="features", backbone="efficientnet-lite0", image_size=32, batch_size=8, workers=0,
                          device="cpu", cache=str(tmp_path / "cache"), head="linear", colour_features=True)  # fmt: skip

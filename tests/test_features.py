@@ -17,8 +17,7 @@ from lcpn.train import train_nodes
 
 
 def features_config(tmp_path, **kw):
-    """Features mode at 32 px, without the colour histogram: these tests count and size the backbone's
-    part of the embedding (the histogram has tests of its own, test_colour.py)."""
+    """Features mode at 32 px, without the colour histogram (its tests are in test_colour.py)."""
     return TrainConfig(
         **{"mode": "features", "backbone": "efficientnet-lite0", "image_size": 32, "batch_size": 8, "workers": 0,
            "device": "cpu", "cache": str(tmp_path / "cache"), "colour_features": False, **kw}
