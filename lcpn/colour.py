@@ -2,7 +2,7 @@
 
 ImageNet features are trained to see a red shoe and a black shoe as the same shoe, so a head on
 them guesses colours poorly (the catalogue's baseColour: 60% with the backbone's embedding alone,
-66% with this histogram beside it, docs/benchmarks.md). The histogram is read off the same input
+65% with this histogram beside it, docs/benchmarks.md). The histogram is read off the same input
 square the backbone sees: pixels are softly assigned to a grid of RGB colours and averaged over
 the product, leaving out the near-white studio background. It is made of plain tensor operations, so
 it runs on any device and exports to ONNX with the backbone.

@@ -510,23 +510,22 @@ def open_backbone(config: TrainConfig) -> tuple[SharedBackbone, dict]:
     return backbone, embedding_key(backbone, file_sha256(weights_file)[:16])
 
 
+def _pixels_key(backbone: SharedBackbone) -> dict:
+    """What the pixels of every view depend on: the data config, the eval transform, how views are made."""
+    data = backbone.data
+    return {"image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
+            "eval_transform": repr(backbone.transform), "views": VIEW_RECIPE}  # fmt: skip
+
+
 def embedding_key(backbone: SharedBackbone, weights_id: str) -> dict:
     """Everything that changes the numbers of the backbone's part of an embedding; its store is keyed on it."""
-    data = backbone.data
-    return {
-        "backbone": backbone.name, "weights": weights_id,
-        "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
-        "eval_transform": repr(backbone.transform), "views": VIEW_RECIPE,
-        "precision": backbone.runtime.precision, "stage_features": backbone.embedder.stages,
-    }  # fmt: skip
+    return {"backbone": backbone.name, "weights": weights_id, **_pixels_key(backbone),
+            "precision": backbone.runtime.precision, "stage_features": backbone.embedder.stages}  # fmt: skip
 
 
 def colour_key(backbone: SharedBackbone) -> dict:
     """The key of the colour histograms' store: the pixels they read, and the histogram's version."""
-    data = backbone.data
-    return {"backbone": COLOUR_STORE, "version": COLOUR_VERSION, "image_size": data.image_size,
-            "mean": list(data.mean), "std": list(data.std), "eval_transform": repr(backbone.transform),
-            "views": VIEW_RECIPE}  # fmt: skip
+    return {"backbone": COLOUR_STORE, "version": COLOUR_VERSION, **_pixels_key(backbone)}
 
 
 def backbone_info(backbone: SharedBackbone, key: dict) -> NodeInfo:

@@ -7,11 +7,10 @@ re-estimates the batch's class mix from the head's own probabilities and reweigh
     p'(y|x) ∝ p(y|x) * q(y) / prior(y),    q(y) = mean over the batch of p'(y|x),
 
 repeated until ``q`` settles. ``prior`` is the head's own average probability on its training images
-(class-weighted heads are not trained on the raw mix, so the class counts would be the wrong prior;
-the split's val mix is not train's, so val's mean prediction is wrong too: with it EM collapsed on
-the catalogue). In a tree each image counts towards a node's
-mix with the probability that it reaches that node, so a node's mix is estimated from the images
-that belong to it, and ``adapt_tree`` works top-down.
+(the split's val mix is not train's, so val's mean prediction is the wrong start: with it EM
+collapsed on the catalogue). In a tree each image counts towards a node's mix with the probability
+that it reaches that node, so a node's mix is estimated from the images that belong to it, and
+``adapt_tree`` works top-down.
 """
 
 from __future__ import annotations
@@ -40,18 +39,21 @@ def adapt(
     total = weights.sum()
     if total <= 0 or len(probs) == 0:
         return probs, prior
-    mix, adapted = prior, probs
+    mix = prior
     for _ in range(MAX_ITERATIONS):
-        adapted = probs * (mix / prior)
-        adapted /= adapted.sum(1, keepdims=True)
-        new = np.clip(weights @ adapted / total, FLOOR, None)
+        new = np.clip(weights @ _reweighted(probs, mix / prior) / total, FLOOR, None)
         new /= new.sum()
         settled = np.abs(new - mix).max() < TOLERANCE
         mix = new
         if settled:
             break
-    adapted = probs * (mix / prior)
-    return adapted / adapted.sum(1, keepdims=True), mix
+    return _reweighted(probs, mix / prior), mix
+
+
+def _reweighted(probs: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    """Each row of ``probs`` times ``ratio``, normalised: Bayes' rule under another class mix."""
+    out = probs * ratio
+    return out / out.sum(1, keepdims=True)
 
 
 def adapt_tree(

@@ -137,10 +137,9 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
         data = load_node_data(args.split, tree, node)
         if len(data.classes) == 1:
             continue
-        heads[node] = fit(data, feats, config, dim)
+        heads[node], prior = fit(data, feats, config, dim)
         if extras.get("adapt_priors"):
-            train = [p for p, _ in data.train]  # the plain view: lcpn records the mean over every view
-            priors[node] = probabilities(heads[node], feats, train, False).mean(0).numpy()
+            priors[node] = prior  # the one lcpn records in node.json
     fit_seconds = time.perf_counter() - started
 
     row = {"recipe": name, "options": options, **extras, "dim": dim, "fit_seconds": round(fit_seconds, 1)}
@@ -157,16 +156,18 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
     return row
 
 
-def fit(data: NodeData, feats: dict, config: TrainConfig, dim: int) -> torch.nn.Module:
+def fit(data: NodeData, feats: dict, config: TrainConfig, dim: int) -> tuple[torch.nn.Module, list[float]]:
+    """A node's head as ``lcpn train`` fits it, and its class prior (``metrics.prior``)."""
     stub = NodeInfo(node=data.node, classes=data.classes, mode="features", head=head_spec(config, dim))
-    return fit_head(data, feats, stub, config)[0]
+    head, outcome, _ = fit_head(data, feats, stub, config)
+    return head, outcome.prior
 
 
 def score_attributes(split: Path, feats: dict, config: TrainConfig, dim: int, sets: dict) -> dict:
     """{attribute: {set: accuracy}}: a head per attribute, scored on the images whose value is one of its classes."""
     scores = {}
     for name, spec in read_specs(split).items():
-        head = fit(load_attribute_data(split, spec), feats, config, dim)
+        head, _ = fit(load_attribute_data(split, spec), feats, config, dim)
         scores[name] = {}
         for set_name, items in sets.items():
             scored = [(it, spec.label_of(it.attributes[name])) for it in items if name in it.attributes]
@@ -188,7 +189,7 @@ def probabilities(head: torch.nn.Module, feats: dict, paths: list[str], flips: b
 
 def decode(tree: Hierarchy, heads: dict, priors: dict, feats: dict, paths: list[str], flips: bool) -> list:
     """The best path per image, from each node's probabilities (averaged over the mirror image with
-    ``flips``; adapted to the set's class mix when ``priors`` has each node's val prior)."""
+    ``flips``; adapted to the set's class mix when ``priors`` has each node's training prior)."""
     probs = {node: probabilities(head, feats, paths, flips).numpy() for node, head in heads.items()}
     if priors:
         probs, _ = adapt_tree(tree, probs, priors)
