@@ -48,3 +48,19 @@ def test_the_page_shows_the_api_path_for_two_uploads_and_toggles_a_heatmap(brows
         expect(page.locator("#tree")).to_contain_text("val accuracy")
         expect(page.locator("#tree")).to_contain_text("constant (one child)")
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+def test_the_page_does_not_ask_an_onnx_server_for_heatmaps(browser, finetuned, split, tmp_path):
+    from lcpn.export import export
+
+    export(finetuned, tmp_path / "onnx")
+    images = [Path(row["path"]) for row in read_csv(split / "test.csv")[:1]]
+    with live_server(create_app(tmp_path / "onnx", runtime="onnx")) as url:
+        page = browser.new_page(viewport=PHONE)
+        asked = []
+        page.on("request", lambda request: asked.append(request.url))
+        shown = classify_in_page(page, url, images)
+        assert list(shown.values())[0]  # classified: a path is shown
+        expect(page.locator(".card .stages")).to_contain_text("No heatmaps: this server runs the onnx export")
+    assert any("/v1/predict?" in u for u in asked)
+    assert not any("/v1/explain" in u for u in asked)

@@ -1,5 +1,6 @@
 // The lcpn page: classify dropped or chosen images through /v1/predict, then ask /v1/explain for
-// each image's Grad-CAM heatmaps; a second tab shows the class tree from /v1/model.
+// each image's Grad-CAM heatmaps (when /v1/model says the server can explain); a second tab shows
+// the class tree from /v1/model.
 // Plain DOM code, no build step and nothing fetched from elsewhere: it works offline.
 "use strict";
 
@@ -45,7 +46,7 @@ $("#token-box").addEventListener("submit", (event) => {
   event.preventDefault();
   sessionStorage.setItem("lcpn-token", $("#token").value.trim());
   $("#token-box").hidden = true;
-  loadModel();
+  modelLoaded = loadModel();
 });
 
 // --- tabs (arrow keys move between them, as in the WAI-ARIA tabs pattern) -------------------------
@@ -96,8 +97,14 @@ async function classify(files) {
   body.predictions.forEach((prediction, i) => showPrediction(cards[i], prediction));
   const failed = body.errors.length;
   $("#status").textContent = `${files.length - failed} classified${failed ? `, ${failed} could not be used` : ""}.`;
+  const model = await modelLoaded;
   for (const [i, prediction] of body.predictions.entries()) {
-    if (!prediction.error) await explain(cards[i], files[i]);
+    if (prediction.error) continue;
+    if (model && model.explanations === false) {
+      noHeatmaps(cards[i], `this server runs the ${model.runtime} export; heatmaps need the trained PyTorch models.`);
+    } else {
+      await explain(cards[i], files[i]);
+    }
   }
 }
 
@@ -141,6 +148,11 @@ function showPrediction(card, prediction) {
   card.body.classList.remove("muted");
 }
 
+function noHeatmaps(card, why) {
+  card.stages.replaceChildren(el("span", { class: "note error", text: `No heatmaps: ${why}` }));
+  card.root.removeAttribute("aria-busy");
+}
+
 async function explain(card, file) {
   const form = new FormData();
   form.append("file", file, file.name);
@@ -148,8 +160,7 @@ async function explain(card, file) {
   try {
     body = await api("/v1/explain", { method: "POST", body: form });
   } catch (error) {
-    card.stages.replaceChildren(el("span", { class: "note error", text: `No heatmaps: ${error.message}` }));
-    card.root.removeAttribute("aria-busy");
+    noHeatmaps(card, error.message);
     return;
   }
   const buttons = [];
@@ -182,15 +193,18 @@ function treeNode(node) {
   return el("li", {}, el("details", { open: "" }, summary, el("ul", {}, ...node.children.map(treeNode))));
 }
 
+// The model's description, or null when it could not be read (then the page still tries to explain).
 async function loadModel() {
   try {
     const model = await api("/v1/model");
     $("#model-summary").textContent = `${model.mode} mode, ${model.backbone} at ${model.image_size} px · `
       + `${model.leaves} classes in ${model.depth} levels · ${model.parents} parent nodes`;
     $("#tree").replaceChildren(el("div", { class: "tree" }, el("ul", {}, treeNode(model.tree))));
+    return model;
   } catch (error) {
     $("#model-summary").textContent = error.message;
+    return null;
   }
 }
 
-loadModel();
+let modelLoaded = loadModel();
