@@ -12,7 +12,8 @@ plus two that only this script reads (a recipe without options is ``lcpn train -
 - ``adapt_priors=true`` re-estimates each node's class mix on the evaluated set (``lcpn.label_shift``).
 
 ``colour_features=true`` puts ``lcpn.colour``'s histogram first, as ``lcpn train`` does (its own store
-beside the backbone's, so the backbone does not run again).
+beside the backbone's, so the backbone does not run again). ``square=letterbox`` or ``square=crop``
+embeds again only the pictures that are not square: a square picture is the same square in every mode.
 
 Every image (train, val, test and the OOD set) is embedded once per backbone into the same embedding
 store that ``lcpn train --cache`` uses, with lcpn's own views (train images get ``views`` views; test
@@ -41,6 +42,7 @@ from pathlib import Path
 import click
 import torch
 from benchmark import DEFAULT_OOD, ood_items  # scripts/ is on the path when a script runs
+from PIL import Image
 
 from lcpn import fsio
 from lcpn.artefacts import NodeInfo
@@ -100,15 +102,35 @@ def embeddings(split: Path, cache: Path, backbone: str, config: TrainConfig, eva
     """{path: (views, dim)} for every split image and ``evaluated`` path (those with their mirror image),
     and the widths of the embedding's colour histogram and stage features."""
     config = dataclasses.replace(config, backbone=backbone, stage_features=EMBED_STAGES, precision="fp32")
-    shared, key = open_backbone(config)
     rows = fsio.read_csv(split / "images.csv")
     views = {r["path"]: config.views if r["split"] == "train" else 1 for r in rows}
     views |= {p: max(2, views.get(p, 1)) for p in evaluated}
-    log(f"embeddings: {backbone}, {config.square}, {len(views)} images")
+    if config.square == "squash":
+        return embed(views, cache, config)
+    # A square picture is the same square under every mode (the 9k set is all squares): only the
+    # others are embedded again; the squares come from the squash store, which is what lcpn would compute.
+    squares = {p: n for p, n in views.items() if is_square(p)}
+    feats, dims = embed(squares, cache, dataclasses.replace(config, square="squash"))
+    others, _ = embed({p: n for p, n in views.items() if p not in squares}, cache, config)
+    return feats | others, dims
+
+
+def embed(views: dict[str, int], cache: Path, config: TrainConfig) -> tuple:
+    """``embeddings`` for the given {path: views}, from and into ``config``'s store."""
+    shared, key = open_backbone(config)
+    log(f"embeddings: {config.backbone}, {config.square}, {len(views)} images")
     embedder = shared.embedder
     widths = [embedder.network._blocks[i]._project_conv.out_channels for i in embedder.taps]
     colour = embedder.colour.dim if embedder.colour is not None else 0
     return embed_images(sorted(views), shared, EmbeddingStore(cache, key), views), (colour, widths)
+
+
+def is_square(path: str) -> bool:
+    try:
+        with Image.open(path) as image:
+            return image.width == image.height
+    except OSError:
+        return False  # unreadable: embed_images reports it
 
 
 def select(feats: dict, dims: tuple[int, list[int]], stages: int) -> dict:
