@@ -184,13 +184,21 @@ class Cascade:
         _check_decoder(decode)
         batch = batch or Batch(images)
         probs = {} if probs is None else probs
+        attributes = self.attribute_predictions(batch, list(range(batch.size)), max(1, top_k))
+        return self._decode(batch.size, self._lookup(batch, probs), top_k, decode, min_confidence, attributes)
 
+    def greedy_leaves(self, batch: Batch, probs: dict[Request, torch.Tensor], rows: Sequence[int]) -> list[str]:
+        """Greedy routing's leaf for each of a batch's ``rows``, from its probability cache (computing
+        only the nodes it lacks): a predicted batch decoded the other way without running it again."""
+        chosen = greedy(self.tree, rows, self._lookup(batch, probs))
+        return [chosen[r][-1][0] for r in rows]
+
+    def _lookup(self, batch: Batch, probs: dict[Request, torch.Tensor]) -> Lookup:
         def lookup(requests: Sequence[Request]) -> dict[Request, list[float]]:
             self.node_probabilities(batch, probs, requests)
             return {req: probs[req].tolist() for req in requests}
 
-        attributes = self.attribute_predictions(batch, list(range(batch.size)), max(1, top_k))
-        return self._decode(batch.size, lookup, top_k, decode, min_confidence, attributes)
+        return lookup
 
     def _decode(
         self, size: int, lookup: Lookup, top_k: int, decode: str, min_confidence: float, attributes: dict[int, dict]

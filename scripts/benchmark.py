@@ -2,7 +2,7 @@
 """Accuracy and speed of lcpn against its baselines, on the same images and machine.
 
     python scripts/benchmark.py [--data DIR] [--csv FILE --levels A,B,C] [--ood DIR | --no-ood]
-                                [--option KEY=VALUE]... [--workdir DIR] [--out bench.json]
+                                [--no-attributes] [--option KEY=VALUE]... [--workdir DIR] [--out bench.json]
 
 By default it runs on ../shared/data/fashion-products-9k with its two folder levels; pass
 ``--csv .../labels.csv --levels masterCategory,subCategory,articleType`` for three levels. In one
@@ -63,7 +63,7 @@ from lcpn import artefacts, backbones, fsio
 from lcpn.cascade import DEFAULT_DECODE, Cascade, open_cascade
 from lcpn.config import OPTIONS, TrainConfig
 from lcpn.embedding_store import EmbeddingStore
-from lcpn.evaluate import evaluate, split_test_items
+from lcpn.evaluate import EvaluationResult, evaluate, split_test_items
 from lcpn.features import embed_images, fit_head, head_spec, open_backbone
 from lcpn.hierarchy import Hierarchy, names_of
 from lcpn.metrics import hierarchical_prf, level_scores, path_accuracy
@@ -312,37 +312,38 @@ def attribute_labels(csv_file: Path | None, data: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def benchmark_attributes(
-    split: Path, models: Path, config: TrainConfig, test_items: list, ood: list, ood_root: Path, speed: bool
-) -> tuple[dict, dict]:
-    """Train the attribute heads beside the trained tree, score them on the test split and the OOD set.
-
-    Returns ``attributes`` ({name: {accuracy, macro_f1, n, accuracy_ood, macro_f1_ood, n_ood}}) and
-    ``attributes_speed`` (training seconds added; throughput with and without the attributes).
-    """
+def train_attributes(split: Path, models: Path, config: TrainConfig) -> float:
+    """Train the attribute heads beside the trained tree; the seconds they took."""
     log(f"attributes: train {', '.join(ATTRIBUTES)} heads (embedding cache warm)")
     t0 = time.perf_counter()
     train_nodes(split, models, config, nodes=None, attributes=ATTRIBUTES, force=True)
-    timing = {"train_seconds": time.perf_counter() - t0}
-    cascade = Cascade.load(models, "cpu")
-    test = evaluate(cascade, test_items, models / "evaluation-attributes", BATCH).metrics["attributes"]
-    ood_scores = {}
-    if ood and (ood_root / "labels.csv").is_file():
-        log("attributes: evaluate on the OOD set")
-        ood = with_attributes(ood, ood_root / "labels.csv", ATTRIBUTES, "path", ood_root)
-        ood_scores = evaluate(cascade, ood, None, BATCH).metrics["attributes"]
+    return time.perf_counter() - t0
+
+
+def attribute_scores(test: dict, ood: dict) -> dict:
+    """{name: {accuracy, macro_f1, n, accuracy_ood, macro_f1_ood, n_ood}} from two evaluations' metrics."""
     scores = {}
     for name in ATTRIBUTES:
-        on_ood = ood_scores.get(name, {})
-        scores[name] = {"accuracy": test[name]["accuracy"], "macro_f1": test[name]["macro_f1"], "n": test[name]["n"],
+        on_test, on_ood = test["attributes"][name], ood.get("attributes", {}).get(name, {})
+        scores[name] = {"accuracy": on_test["accuracy"], "macro_f1": on_test["macro_f1"], "n": on_test["n"],
                         "accuracy_ood": on_ood.get("accuracy"), "macro_f1_ood": on_ood.get("macro_f1"),
                         "n_ood": on_ood.get("n")}  # fmt: skip
-    if speed:
-        timing.update(attributes_speed(models, [it.path for it in test_items]))
-    return scores, timing
+    return scores
 
 
-def attributes_speed(models: Path, paths: list[str], repeat: int = 3) -> dict:
+def evaluate_with_greedy(cascade: Cascade, items: list, out: Path) -> tuple[EvaluationResult, list[str]]:
+    """``lcpn evaluate``'s result (best-path, written to ``out``) and greedy routing's leaf per image
+    that was predicted, decoded from the same probabilities (no second pass over the images)."""
+    greedy = {}
+
+    def decode_greedily(batch, probs, indices):
+        greedy.update(zip(indices, cascade.greedy_leaves(batch, probs, range(len(indices)))))
+
+    result = evaluate(cascade, items, out, BATCH, on_batch=decode_greedily)
+    return result, [greedy[i] for i, (_, p) in enumerate(result.predictions) if p.error is None]
+
+
+def measure_attributes_speed(models: Path, paths: list[str], repeat: int = 3) -> dict:
     """Prediction throughput with and without the attribute heads on the first SPEED_IMAGES of ``paths``.
 
     The two cascades take turns, best of ``repeat`` each, so a busy machine slows both alike.
@@ -413,7 +414,7 @@ def export_only(models: Path, out: Path, work: Path) -> None:
 def attributes_speed_only(models: Path, out: Path) -> None:
     """``--attributes-speed-only``: throughput with and without the attribute heads of an existing model folder."""
     paths = [it.path for it in split_test_items(trained_split(models))]
-    bench = {"attributes_speed": attributes_speed(models, paths), "cpu_count": torch.get_num_threads(),
+    bench = {"attributes_speed": measure_attributes_speed(models, paths), "cpu_count": torch.get_num_threads(),
              "processor": platform.processor(), "models": str(models)}  # fmt: skip
     fsio.write_json(out, bench)
     print(format_table([[k, v] for k, v in bench["attributes_speed"].items()], ["attributes_speed", ""]))
@@ -439,6 +440,8 @@ def main() -> None:
     parser.add_argument("--no-ood", action="store_true", help="skip the out-of-distribution evaluation")
     parser.add_argument("--accuracy-only", action="store_true",
                         help="skip the speed measurements (to compare training recipes quickly)")  # fmt: skip
+    parser.add_argument("--no-attributes", action="store_true",
+                        help="train and score no attribute heads (they do not depend on the levels)")  # fmt: skip
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a features-mode training option (e.g. head=linear, stage_features=0)")  # fmt: skip
     parser.add_argument("--export-only", type=Path, metavar="MODELS",
@@ -500,20 +503,21 @@ def main() -> None:
     t0 = time.perf_counter()
     train_nodes(split, models, config, force=True, attributes=[])
     features_seconds = time.perf_counter() - t0
+    with_heads = labels is not None and not args.no_attributes  # the split records the values either way
+    attributes_seconds = train_attributes(split, models, config) if with_heads else None
+    if with_heads and ood and (args.ood / "labels.csv").is_file():
+        ood = with_attributes(ood, args.ood / "labels.csv", ATTRIBUTES, "path", args.ood)
 
+    # One evaluation per set: the attributes and greedy routing come from the same pass.
     log("evaluate lcpn on the test split")
     cascade = Cascade.load(models, "cpu")
-    lcpn_eval = evaluate(cascade, test_items, models / "evaluation", BATCH)
+    lcpn_eval, y_greedy = evaluate_with_greedy(cascade, test_items, models / "evaluation")
     y_true = [it.leaf for it, p in lcpn_eval.predictions if p.error is None]
     y_lcpn = [p.node for _, p in lcpn_eval.predictions if p.error is None]
-    greedy_eval = evaluate(cascade, test_items, None, BATCH, decode="greedy")
-    y_greedy = [p.node for _, p in greedy_eval.predictions if p.error is None]
     if ood:
         log(f"evaluate lcpn on the OOD set ({len(ood)} images)")
-        ood_eval = evaluate(cascade, ood, models / "evaluation-ood", BATCH)
+        ood_eval, ood_greedy = evaluate_with_greedy(cascade, ood, models / "evaluation-ood")
         ood_pairs = [(it.leaf, p.node) for it, p in ood_eval.predictions if p.error is None]
-        ood_greedy = [p.node for _, p in evaluate(cascade, ood, None, BATCH, decode="greedy").predictions
-                      if p.error is None]  # fmt: skip
 
     log("baselines on the same embeddings")
     backbone = next(n for n in cascade.nodes.values() if isinstance(n, HeadNode)).backbone
@@ -525,18 +529,21 @@ def main() -> None:
     y_flat, y_hiclass = flat_preds[0], hiclass_preds[0]
     truth = [leaf for _, leaf in test]
 
-    speed = {} if args.accuracy_only else measure_speed(split, work, tree, models, cascade, flat_head, test_paths)
+    speed = {}
     if not args.accuracy_only:
+        category_only = Cascade.load(models, "cpu", attributes=False)  # the category path's speed, as before attributes
+        speed = measure_speed(split, work, tree, models, category_only, flat_head, test_paths)
         speed["export"] = measure_export(models, split, work)
     speed.setdefault("train_seconds", {}).update(
         features_all_nodes=features_seconds, embedding_all_images=embed_seconds, flat_head=flat_seconds
     )
 
-    attributes, attributes_speed = (
-        benchmark_attributes(split, models, config, test_items, ood, args.ood, not args.accuracy_only)
-        if labels
-        else (None, None)
-    )
+    attributes, attributes_speed = None, None
+    if with_heads:
+        attributes = attribute_scores(lcpn_eval.metrics, ood_eval.metrics if ood else {})
+        attributes_speed = {"train_seconds": attributes_seconds}
+        if not args.accuracy_only:
+            attributes_speed.update(measure_attributes_speed(models, test_paths))
     depth_keys = [f"level_{d}" for d in range(1, tree.max_depth + 1)]
     bench = {
         "data": str(args.csv or args.data) + (f" [{args.levels}]" if args.levels else ""),

@@ -125,3 +125,17 @@ def test_a_tiny_set_gives_no_metric_warnings(models, split, tmp_path):
     assert result.metrics["n_images"] == 2
     assert result.metrics["leaves"] == leaf_scores([it.leaf for it in items], [p.node for _, p in result.predictions],
                                                    LEAVES)  # fmt: skip
+
+
+def test_a_batch_hook_decodes_the_evaluated_probabilities_greedily_as_a_greedy_evaluation_would(models, split):
+    cascade = Cascade.load(models, "cpu")
+    items = split_test_items(split)
+    greedy = {}
+
+    def hook(batch, probs, indices):
+        greedy.update(zip(indices, cascade.greedy_leaves(batch, probs, range(len(indices)))))
+
+    best = evaluate(cascade, items, batch_size=4, on_batch=hook)
+    alone = evaluate(cascade, items, batch_size=4, decode="greedy")
+    assert sorted(greedy) == list(range(len(best.predictions))) and len(greedy) > 4  # every row of every batch
+    assert [greedy[i] for i in range(len(greedy))] == [p.node for _, p in alone.predictions]
