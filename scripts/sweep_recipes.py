@@ -9,7 +9,9 @@ A recipe is a name and ``KEY=VALUE`` training options (those of ``lcpn train``, 
 plus two that only this script reads (a recipe without options is ``lcpn train --mode features``'s default):
 
 - ``backbone=A+B`` concatenates two backbones' embeddings (each embedded once, in its own store);
-- ``adapt_priors=true`` re-estimates each node's class mix on the evaluated set (``lcpn.label_shift``).
+- ``adapt_priors=true`` re-estimates each node's class mix on the evaluated set (``lcpn.label_shift``);
+- ``balance=TAU`` (0 to 1) divides each node's probabilities by its training class frequencies to
+  the power TAU (logit adjustment, Menon et al. 2021; 1 treats every class as equally likely).
 
 ``colour_features=true`` puts ``lcpn.colour``'s histogram first, as ``lcpn train`` does (its own store
 beside the backbone's, so the backbone does not run again). ``square=letterbox`` or ``square=crop``
@@ -59,7 +61,7 @@ from lcpn.report import format_table
 from lcpn.sources import with_attributes
 
 EMBED_STAGES = 2  # embed once with the default stage features; fewer are the embedding's last dimensions
-SCRIPT_KEYS = ("adapt_priors",)
+SCRIPT_KEYS = {"adapt_priors": click.BOOL, "balance": click.FloatRange(0, 1)}
 
 
 def log(msg: str) -> None:
@@ -76,7 +78,7 @@ def parse_recipe(text: str) -> tuple[str, dict, dict]:
         if not sep:
             raise ValueError(f"recipe '{name}': '{pair}' is not KEY=VALUE")
         if key in SCRIPT_KEYS:
-            extras[key] = click.BOOL.convert(value, None, None)
+            extras[key] = SCRIPT_KEYS[key].convert(value, None, None)
         elif key == "backbone":
             options[key] = value
         elif key in OPTIONS:
@@ -154,7 +156,7 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
     dim = next(iter(feats.values())).shape[1]
 
     started = time.perf_counter()
-    heads, priors = {}, {}
+    heads, priors, divisors = {}, {}, {}
     for node in tree.parents:
         data = load_node_data(args.split, tree, node)
         if len(data.classes) == 1:
@@ -162,11 +164,14 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
         heads[node], prior = fit(data, feats, config, dim)
         if extras.get("adapt_priors"):
             priors[node] = prior  # the one lcpn records in node.json
+        if extras.get("balance"):
+            counts = torch.tensor(data.counts()["train"], dtype=torch.float64) + 1  # a class of 0 images stays finite
+            divisors[node] = (counts / counts.sum()) ** extras["balance"]
     fit_seconds = time.perf_counter() - started
 
     row = {"recipe": name, "options": options, **extras, "dim": dim, "fit_seconds": round(fit_seconds, 1)}
     for set_name, items in sets.items():
-        predicted = decode(tree, heads, priors, feats, [it.path for it in items], config.test_flips)
+        predicted = decode(tree, heads, priors, divisors, feats, [it.path for it in items], config.test_flips)
         truth = [it.leaf for it in items]
         correct = sum(t == p for t, p in zip(truth, predicted))
         row[set_name] = {"path": round(correct / len(items), 4), "correct": correct, "images": len(items)}
@@ -209,12 +214,18 @@ def probabilities(head: torch.nn.Module, feats: dict, paths: list[str], flips: b
     return p / len(views)
 
 
-def decode(tree: Hierarchy, heads: dict, priors: dict, feats: dict, paths: list[str], flips: bool) -> list:
+def decode(
+    tree: Hierarchy, heads: dict, priors: dict, divisors: dict, feats: dict, paths: list[str], flips: bool
+) -> list:
     """The best path per image, from each node's probabilities (averaged over the mirror image with
-    ``flips``; adapted to the set's class mix when ``priors`` has each node's training prior)."""
+    ``flips``; adapted to the set's class mix when ``priors`` has each node's training prior;
+    divided by ``divisors`` per node and renormalised where it has them)."""
     probs = {node: probabilities(head, feats, paths, flips).numpy() for node, head in heads.items()}
     if priors:
         probs, _ = adapt_tree(tree, probs, priors)
+    for node, divisor in divisors.items():
+        balanced = probs[node] / divisor.numpy()
+        probs[node] = balanced / balanced.sum(1, keepdims=True)
     probs = {node: p.tolist() for node, p in probs.items()}
 
     def lookup(requests):
@@ -232,8 +243,8 @@ def main() -> None:
     parser.add_argument("--no-ood", action="store_true", help="evaluate on the test split only")
     parser.add_argument("--levels", help="the split's label columns when it came from a CSV (for the OOD labels.csv)")
     parser.add_argument("--recipe", action="append", required=True, metavar='"NAME KEY=VALUE ..."',
-                        help="a recipe to measure (repeat); options as lcpn train's, plus backbone=A+B and "
-                             "adapt_priors=true")  # fmt: skip
+                        help="a recipe to measure (repeat); options as lcpn train's, plus backbone=A+B, "
+                             "adapt_priors=true and balance=TAU")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("sweep.jsonl"), help="JSON lines, one per recipe (appended)")
     parser.add_argument("--attributes", action="store_true",
                         help="also fit and score a head per attribute the split records")  # fmt: skip
