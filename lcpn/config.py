@@ -67,6 +67,7 @@ class TrainConfig:
     # catalogue's Footwear node it lost to a random layer (docs/benchmarks.md); a GPU run may decide otherwise.
     init_head: str = "random"
     wise_ft: bool = False  # finetune: keep the mix of the start and fine-tuned weights that scores best on val
+    freeze_bn: bool = False  # finetune: BatchNorm keeps the pretrained statistics (eval mode) while the rest trains
     device: str = "auto"
     workers: int = 2  # image-decoding worker processes: finetune training, features mode's embedding pass
     seed: int = 0
@@ -152,6 +153,10 @@ OPTIONS: dict[str, Option] = {
     "wise_ft": Option(click.BOOL, "finetune mode: after fine-tuning, try mixes (1 - a) * start + a * fine-tuned "
                       "of the weights for a in 0, 0.25, 0.5, 0.75, 1 and keep the best on val (WiSE-FT, "
                       "Wortsman et al. 2022).", FINETUNE, flag="--wise-ft/--no-wise-ft"),
+    "freeze_bn": Option(click.BOOL, "finetune mode: BatchNorm layers keep their pretrained running statistics "
+                        "while training (their scale and shift still learn): small batches' statistics are noisy, "
+                        "and a linear probe (--init-head probe) was fitted on the pretrained ones.", FINETUNE,
+                        flag="--freeze-bn/--no-freeze-bn"),
     "device": Option(click.Choice(DEVICES), "Where to train; auto picks CUDA, then MPS, then the CPU."),
     "workers": Option(click.IntRange(min=0), "Image-decoding worker processes (finetune training, features "
                       "mode's embedding pass; 0: in this process)."),

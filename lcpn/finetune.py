@@ -17,6 +17,11 @@ Two recipes keep the pretrained features that make a network hold on new photos:
   ``(1 - a) * start + a * fine-tuned`` (BatchNorm statistics included) are scored on val for every
   ``a`` in ``WISE_ALPHAS``; the best accuracy wins (ties: the lower val loss, then the smaller ``a``).
   ``start`` is the pretrained network with the layer it started from.
+- ``--freeze-bn``: BatchNorm layers run in eval mode while the network trains, so they keep the
+  pretrained running statistics (their scale and shift still learn). A probe was fitted on
+  features normalised by those statistics; a batch of 16's own statistics move them, and the
+  probe's large weights turn that into huge logits (LP-FT's first epoch on the CPU subset: train
+  loss 4.05 on 3 classes without it, 0.58 with it; docs/benchmarks.md).
 
 node.json's ``finetune`` records the probe's figures and every mix's val accuracy and loss.
 
@@ -259,10 +264,17 @@ class Training:
 
 
 # --- one node --------------------------------------------------------------------------------------
-def _run_epoch(model, loader, device, amp: MixedPrecision, loss_fn, optimizer=None, scheduler=None, desc="") -> dict:
-    """One pass; trains when an optimizer is given. Returns loss, accuracy and the predictions."""
+def _run_epoch(
+    model, loader, device, amp: MixedPrecision, loss_fn, optimizer=None, scheduler=None, desc="", freeze_bn=False
+) -> dict:
+    """One pass; trains when an optimizer is given (BatchNorm in eval mode with ``freeze_bn``).
+    Returns loss, accuracy and the predictions."""
     training = optimizer is not None
     model.train(training)
+    if training and freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     total_loss, correct, seen = 0.0, 0, 0
     indices, preds, confs = [], [], []
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
@@ -422,8 +434,8 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
             break
         t0 = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
-        tr = _merged(_run_epoch(net, train_loader, device, amp, loss_fn, optimizer, scheduler,
-                                desc=f"{data.title} epoch {epoch}/{config.epochs}"))  # fmt: skip
+        desc = f"{data.title} epoch {epoch}/{config.epochs}"
+        tr = _merged(_run_epoch(net, train_loader, device, amp, loss_fn, optimizer, scheduler, desc, config.freeze_bn))
         ev = evaluate(f"{data.title} eval")
         score = [ev["acc"], -ev["loss"]]
         improved = p.best is None or score > p.best

@@ -101,3 +101,15 @@ def test_lp_ft_and_wise_ft_are_flags_and_off_by_default(split, tmp_path):
     assert (info.config["init_head"], info.config["wise_ft"]) == ("random", False)
     assert "linear probe" not in result.output and "WiSE-FT" not in (out / "b" / "performance.txt").read_text()
     assert (TrainConfig().init_head, TrainConfig().wise_ft) == ("random", False)
+
+
+def test_freeze_bn_keeps_the_pretrained_batchnorm_statistics_while_the_weights_train(split, tmp_path):
+    pretrained = backbones.create("efficientnet-lite0", 2).state_dict()
+    for frozen in (False, True):
+        train_nodes(split, tmp_path / str(frozen), LITE.replace(freeze_bn=frozen), nodes=["b"])
+    stats = [k for k in pretrained if k.endswith(("running_mean", "running_var"))]
+    for frozen in (False, True):
+        saved = torch.load(tmp_path / str(frozen) / "b" / "model.pth", weights_only=True)
+        assert all(torch.equal(saved[k], pretrained[k]) for k in stats) is frozen
+        assert not torch.equal(saved["_conv_stem.weight"], pretrained["_conv_stem.weight"])  # the network trained
+        assert artefacts.read_info(tmp_path / str(frozen) / "b").config["freeze_bn"] is frozen
