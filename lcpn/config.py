@@ -107,6 +107,20 @@ class TrainConfig:
         resolved = self.resolved()
         return {k: getattr(resolved, k) for k in OPTIONS if self.reads(k) and k not in runtime}
 
+    def trains_like(self, recorded: dict | None) -> bool:
+        """True when a node whose ``training_key`` is ``recorded`` was trained as this config would train it.
+
+        A node trained before an option existed has no entry for it; it counts as trained with the
+        option's ``before`` value (options without one retrain such a node)."""
+        if recorded is None:
+            return False
+        key = self.training_key()
+        missing = {k: OPTIONS[k].before for k in key.keys() - recorded.keys() if OPTIONS[k].before is not NEW}
+        return {**missing, **recorded} == key
+
+
+NEW = object()  # Option.before of an option that models trained without it cannot be matched to
+
 
 @dataclass(frozen=True)
 class Option:
@@ -116,6 +130,7 @@ class Option:
     help: str
     modes: tuple[str, ...] = MODES  # "mlp heads": features mode with an mlp or ensemble head
     flag: str | None = None  # the flag's spelling when it is not --<name>, e.g. a boolean's --x/--no-x
+    before: Any = NEW  # what nodes trained before the option existed did (NEW: no such nodes, or unknown)
 
 
 FINETUNE, FEATURES, MLP = ("finetune",), ("features",), ("finetune", "mlp heads")
@@ -156,7 +171,7 @@ OPTIONS: dict[str, Option] = {
     "freeze_bn": Option(click.BOOL, "finetune mode: BatchNorm layers keep their pretrained running statistics "
                         "while training (their scale and shift still learn): small batches' statistics are noisy, "
                         "and a linear probe (--init-head probe) was fitted on the pretrained ones.", FINETUNE,
-                        flag="--freeze-bn/--no-freeze-bn"),
+                        flag="--freeze-bn/--no-freeze-bn", before=False),
     "device": Option(click.Choice(DEVICES), "Where to train; auto picks CUDA, then MPS, then the CPU."),
     "workers": Option(click.IntRange(min=0), "Image-decoding worker processes (finetune training, features "
                       "mode's embedding pass; 0: in this process)."),

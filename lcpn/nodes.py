@@ -95,7 +95,7 @@ def is_finished(folder: Path, data_hash: str, config: TrainConfig) -> bool:
         info = artefacts.read_info(folder)
     except artefacts.ArtefactError:
         return False
-    return info.data_hash == data_hash and info.config.get("training_key") == config.training_key()
+    return info.data_hash == data_hash and config.trains_like(info.config.get("training_key"))
 
 
 def _recorded_config(config: TrainConfig) -> dict:

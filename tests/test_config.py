@@ -97,3 +97,12 @@ def test_the_mlp_heads_use_the_lr_and_weight_decay_given(monkeypatch, given, use
     mlp = artefacts.build_head(NodeInfo(node="n", classes=["a", "b"], head={"type": "mlp", "hidden": 4}), 4)[1]
     features._fit_mlp(mlp, hd, 2, config, seed=0)
     assert seen == [used]
+
+
+def test_a_node_trained_before_an_option_existed_counts_as_trained_with_its_before_value():
+    config = TrainConfig(mode="finetune")
+    recorded = {k: v for k, v in config.training_key().items() if k != "freeze_bn"}  # a folder from before --freeze-bn
+    assert config.trains_like(recorded)
+    assert not config.replace(freeze_bn=True).trains_like(recorded)
+    assert not config.trains_like({k: v for k, v in recorded.items() if k != "lr"})  # lr has no before value
+    assert not config.trains_like(None) and config.trains_like(config.training_key())
