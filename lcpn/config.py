@@ -76,6 +76,7 @@ class TrainConfig:
     head_epochs: int = 25  # features mode, mlp head: epochs over the cached embeddings
     mlp_members: int = 3  # features mode: MLPs (different seeds) averaged in an mlp or ensemble head
     refit: bool = True  # features mode, linear head: refit on train + val with the chosen L2 strength
+    class_weights: bool = True  # finetune and MLP heads: the loss weighs each class by 1/sqrt(its frequency)
     linear_class_weights: bool = False  # features mode: the logistic regression weighs classes as the MLPs do
     temperature: bool = False  # features mode: the logistic regression's logits divided by a temperature fitted on val
     stage_features: int = 2  # features mode: pooled outputs of the backbone's last N stages join the embedding
@@ -183,6 +184,10 @@ OPTIONS: dict[str, Option] = {
                           "in an mlp or ensemble head.", ("mlp heads",)),
     "refit": Option(click.BOOL, "features mode: refit the heads on train + val with the setting chosen on val.",
                     FEATURES, flag="--refit/--no-refit"),
+    "class_weights": Option(click.BOOL, "The loss weighs each class by 1/sqrt(its training frequency), capped "
+                            "at 10x the largest class's weight (finetune, and features mode's MLP heads): rare "
+                            "classes are not drowned by common ones, at some cost in accuracy on a skewed mix.",
+                            MLP, flag="--class-weights/--no-class-weights", before=True),
     "linear_class_weights": Option(click.BOOL, "features mode: the logistic regression weighs each class by "
                                    "1/sqrt(its frequency), capped, as the MLP heads do.", FEATURES,
                                    flag="--linear-class-weights/--no-linear-class-weights"),

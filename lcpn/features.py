@@ -431,7 +431,7 @@ def _fit_mlp(
     device = hd.x_train.device
     mlp.to(device)
     counts = torch.bincount(hd.y_train, minlength=n_classes).tolist()
-    weights = class_weights(counts).to(device)
+    weights = class_weights(counts).to(device) if config.class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)  # unweighted, as in train.py
     resolved = config.resolved()  # --lr and weight_decay as given, else features mode's defaults

@@ -406,7 +406,7 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
         distributed.sync_buffers(model)
         return _merged(_run_epoch(model, val_loader, device, amp, eval_loss_fn, desc=desc))
 
-    weights = class_weights(data.counts()["train"]).to(device)
+    weights = class_weights(data.counts()["train"]).to(device) if config.class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     # Val loss unweighted: it measures the model, and a class missing from train has weight 0.
     eval_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

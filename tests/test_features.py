@@ -129,7 +129,8 @@ def test_logistic_regression_head_matches_scikit_learn(n_classes):
     assert np.allclose(ours, clf.predict_proba(x), atol=1e-5)
 
 
-def test_class_weights_make_the_logistic_regression_favour_a_rare_class():
+@pytest.mark.parametrize(("head_type", "option"), [("linear", "linear_class_weights"), ("mlp", "class_weights")])
+def test_class_weights_make_the_head_favour_a_rare_class(head_type, option):
     # 300 common and 12 rare embeddings that overlap: unweighted, the rare class loses the overlap.
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (300, 4)), rng.normal(1.2, 1, (12, 4))]).astype(np.float32)
@@ -140,7 +141,7 @@ def test_class_weights_make_the_logistic_regression_favour_a_rare_class():
     rare_val = torch.from_numpy(x[np.arange(1, 312, 2)][np.array(y[1::2]) == 1])
     mean_rare_probability = []
     for weighted in (False, True):
-        config = TrainConfig(mode="features", head="linear", linear_class_weights=weighted).resolved()
+        config = TrainConfig(mode="features", head=head_type, mlp_members=1, device="cpu", **{option: weighted})
         stub = NodeInfo(node="n", classes=data.classes, mode="features", head=head_spec(config, 4))
         head, _, _ = fit_head(data, feats, stub, config)
         with torch.no_grad():
