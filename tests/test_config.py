@@ -100,7 +100,7 @@ def test_the_mlp_heads_use_the_lr_and_weight_decay_given(monkeypatch, given, use
 
 
 def test_a_node_trained_before_an_option_existed_counts_as_trained_with_its_before_value():
-    config = TrainConfig(mode="finetune")
+    config = TrainConfig(mode="finetune", freeze_bn=False)
     recorded = {k: v for k, v in config.training_key().items() if k != "freeze_bn"}  # a folder from before --freeze-bn
     assert config.trains_like(recorded)
     assert not config.replace(freeze_bn=True).trains_like(recorded)
