@@ -2,7 +2,8 @@
 """Accuracy and speed of lcpn against its baselines, on the same images and machine.
 
     python scripts/benchmark.py [--data DIR] [--csv FILE --levels A,B,C] [--ood DIR | --no-ood]
-                                [--no-attributes] [--option KEY=VALUE]... [--workdir DIR] [--out bench.json]
+                                [--no-attributes] [--option KEY=VALUE]... [--attribute-option NAME:KEY=VALUE]...
+                                [--workdir DIR] [--out bench.json]
 
 By default it runs on ../shared/data/fashion-products-9k with its two folder levels; pass
 ``--csv .../labels.csv --levels masterCategory,subCategory,articleType`` for three levels. In one
@@ -31,7 +32,9 @@ attributes with labels.csv (``--csv``, or the data folder's): heads for gender, 
            and usage on the same split and embeddings; accuracy and macro F1 per attribute on the
            test split and the OOD set (``attributes``), the training time they add and the
            prediction throughput with and without them, taking turns on the first 256 test images
-           (``attributes_speed``); ``--attributes-speed-only MODELS`` measures just that throughput
+           (``attributes_speed``); ``--attributes-speed-only MODELS`` measures just that throughput;
+           ``--attribute-option gender:class_weights=false`` trains one attribute with an option of
+           its own (as ``lcpn train --attribute gender --no-class-weights`` would retrain it)
 export     the features models exported to ONNX (float32, and int8 by static quantisation): the share
            of test images whose path equals torch's, path accuracy, throughput against torch's default
            precision (EXPORT_THROUGHPUT of the test images, same batch size) and file sizes;
@@ -312,11 +315,23 @@ def attribute_labels(csv_file: Path | None, data: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def train_attributes(split: Path, models: Path, config: TrainConfig) -> float:
-    """Train the attribute heads beside the trained tree; the seconds they took."""
+def parse_attribute_options(options: list[str]) -> dict[str, dict]:
+    """``NAME:KEY=VALUE`` -> {attribute: {key: value}}, each option checked as ``parse_options`` does."""
+    out: dict[str, dict] = {}
+    for option in options:
+        name, sep, pair = option.partition(":")
+        if not sep or name not in ATTRIBUTES:
+            raise ValueError(f"'{option}' is not NAME:KEY=VALUE with NAME one of {', '.join(ATTRIBUTES)}")
+        out.setdefault(name, {}).update(parse_options([pair]))
+    return out
+
+
+def train_attributes(split: Path, models: Path, config: TrainConfig, own: dict[str, dict]) -> float:
+    """Train the attribute heads beside the trained tree, each with its ``own`` options; the seconds they took."""
     log(f"attributes: train {', '.join(ATTRIBUTES)} heads (embedding cache warm)")
     t0 = time.perf_counter()
-    train_nodes(split, models, config, nodes=None, attributes=ATTRIBUTES, force=True)
+    for name in ATTRIBUTES:
+        train_nodes(split, models, config.replace(**own.get(name, {})), nodes=None, attributes=[name], force=True)
     return time.perf_counter() - t0
 
 
@@ -444,6 +459,8 @@ def main() -> None:
                         help="train and score no attribute heads (they do not depend on the levels)")  # fmt: skip
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a features-mode training option (e.g. head=linear, stage_features=0)")  # fmt: skip
+    parser.add_argument("--attribute-option", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="a training option of one attribute's head (e.g. gender:class_weights=false)")  # fmt: skip
     parser.add_argument("--export-only", type=Path, metavar="MODELS",
                         help="measure only the ONNX export of this trained model folder, on the test images of "
                         "the split it was trained on, and write just that to --out")  # fmt: skip
@@ -464,6 +481,7 @@ def main() -> None:
         parser.error(f"the OOD folder '{args.ood}' does not exist (give --ood DIR or --no-ood)")
     try:
         options = parse_options(args.option)
+        attribute_options = parse_attribute_options(args.attribute_option)
     except (ValueError, click.BadParameter) as exc:
         parser.error(str(exc))
     started = time.perf_counter()
@@ -504,7 +522,7 @@ def main() -> None:
     train_nodes(split, models, config, force=True, attributes=[])
     features_seconds = time.perf_counter() - t0
     with_heads = labels is not None and not args.no_attributes  # the split records the values either way
-    attributes_seconds = train_attributes(split, models, config) if with_heads else None
+    attributes_seconds = train_attributes(split, models, config, attribute_options) if with_heads else None
     if with_heads and ood and (args.ood / "labels.csv").is_file():
         ood = with_attributes(ood, args.ood / "labels.csv", ATTRIBUTES, "path", args.ood)
 
@@ -590,6 +608,7 @@ def main() -> None:
             "stage_features": config.stage_features,
             "square": config.square,
             "options": options,
+            "attribute_options": attribute_options,
         },
         "wall_seconds": time.perf_counter() - started,
     }
