@@ -435,9 +435,8 @@ def fit_node(data: NodeData, folder: NodeFolder, config: TrainConfig, device: to
         t0 = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
         desc = f"{data.title} epoch {epoch}/{config.epochs}"
-        passed = _run_epoch(net, train_loader, device, amp, loss_fn, optimizer, scheduler, desc=desc,
-                            freeze_bn=config.freeze_bn)  # fmt: skip
-        tr = _merged(passed)
+        tr = _merged(_run_epoch(net, train_loader, device, amp, loss_fn, optimizer, scheduler,
+                                desc=desc, freeze_bn=config.freeze_bn))  # fmt: skip
         ev = evaluate(f"{data.title} eval")
         score = [ev["acc"], -ev["loss"]]
         improved = p.best is None or score > p.best

@@ -330,8 +330,12 @@ def train_attributes(split: Path, models: Path, config: TrainConfig, own: dict[s
     """Train the attribute heads beside the trained tree, each with its ``own`` options; the seconds they took."""
     log(f"attributes: train {', '.join(ATTRIBUTES)} heads (embedding cache warm)")
     t0 = time.perf_counter()
-    for name in ATTRIBUTES:
-        train_nodes(split, models, config.replace(**own.get(name, {})), nodes=None, attributes=[name], force=True)
+    # one run for the attributes on the shared options (the store is read once), one more per attribute with its own
+    plain = [name for name in ATTRIBUTES if name not in own]
+    if plain:
+        train_nodes(split, models, config, nodes=None, attributes=plain, force=True)
+    for name, options in own.items():
+        train_nodes(split, models, config.replace(**options), nodes=None, attributes=[name], force=True)
     return time.perf_counter() - t0
 
 
