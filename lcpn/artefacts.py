@@ -190,6 +190,12 @@ def head_in_features(info: NodeInfo) -> int:
     return int(info.head.get("in_features", backbones.spec(info.backbone).feature_dim))
 
 
+def reads_colour(info: NodeInfo) -> bool:
+    """Whether a features-mode head was trained with the colour histogram in its input (or, for the
+    backbone's node.json, whether the backbone computes it)."""
+    return bool(info.config.get("colour_features", False))
+
+
 def build_network(info: NodeInfo) -> nn.Module:
     """Rebuild the node's network from ``node.json`` alone (weights are loaded separately)."""
     if info.mode == "features":

@@ -202,6 +202,18 @@ class Embedder(nn.Module):
         return torch.cat([*pooled, _pool(x)], 1)
 
 
+class SkipColumns(nn.Module):
+    """Drops the first ``count`` columns of an embedding: a head trained without the colour histogram
+    reads a backbone that computes it for other heads (the histogram comes first, see ``Embedder``)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.count :]
+
+
 def _pool(x: torch.Tensor) -> torch.Tensor:
     """Average over the feature map in float32, also when the convolutions ran in bf16: a bf16
     mean keeps 8 bits of the average of hundreds of values, and the cached embedding is that mean."""

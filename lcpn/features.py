@@ -528,32 +528,34 @@ def colour_key(backbone: SharedBackbone) -> dict:
     return {"backbone": COLOUR_STORE, "version": COLOUR_VERSION, **_pixels_key(backbone)}
 
 
-def backbone_info(backbone: SharedBackbone, key: dict) -> NodeInfo:
-    """``<models>/backbone/node.json``: the backbone, its data config, and what else shapes its embedding."""
+def backbone_info(backbone: SharedBackbone, key: dict, colour: bool) -> NodeInfo:
+    """``<models>/backbone/node.json``: the backbone, its data config, and what else shapes its embedding.
+
+    ``colour``: whether the stored backbone computes the colour histogram, for the heads that read it
+    (this run's, or heads kept from earlier runs: each head records whether it reads it)."""
     return NodeInfo(node="(shared backbone)", classes=[], kind="backbone", mode="features",
                     backbone=backbone.name, data=backbone.data.to_dict(),
                     config={"weights_id": key["weights"], "precision": key["precision"],
-                            "stage_features": key["stage_features"],
-                            "colour_features": backbone.embedder.colour is not None,
+                            "stage_features": key["stage_features"], "colour_features": colour,
                             "test_flips": backbone.test_flips})  # fmt: skip
 
 
-def save_backbone(folder: Path, backbone: SharedBackbone, key: dict) -> None:
-    artefacts.save_node(folder, backbone_info(backbone, key), backbone.embedder.network.state_dict(),
+def save_backbone(folder: Path, backbone: SharedBackbone, info: NodeInfo) -> None:
+    artefacts.save_node(folder, info, backbone.embedder.network.state_dict(),
                         eval_transform(backbone.data), inv_normalize(backbone.data))  # fmt: skip
 
 
 def _embedding(info: NodeInfo) -> dict:
-    """What the heads' input depends on, from a backbone's node.json (older folders: no stage features)."""
+    """What the input of a head without colour depends on, from a backbone's node.json (older folders: no
+    stage features). The colour histogram is left out: a head reads it or not, whatever the backbone offers."""
     return {"backbone": info.backbone, "weights_id": info.config.get("weights_id"), "data": artefacts.data_config(info),
             "stage_features": info.config.get("stage_features", 0), "precision": recorded_precision(info.config),
-            "colour_features": info.config.get("colour_features", False),
             "test_flips": info.config.get("test_flips", False)}  # fmt: skip
 
 
-def _stored_embedding(folder: Path) -> dict | None:
+def _stored_info(folder: Path) -> NodeInfo | None:
     try:
-        return _embedding(artefacts.read_info(folder))
+        return artefacts.read_info(folder)
     except artefacts.ArtefactError:
         return None
 
@@ -561,26 +563,27 @@ def _stored_embedding(folder: Path) -> dict | None:
 def _describe(embedding: dict) -> str:
     return (f"{embedding['backbone']} (weights {embedding['weights_id']}) {embedding['data'].image_size} px, "
             f"{embedding['stage_features']} stage features, {embedding['precision']}"
-            + (", colour features" if embedding["colour_features"] else "")
             + (", test flips" if embedding["test_flips"] else ""))  # fmt: skip
 
 
-def refuse_to_replace_a_used_backbone(out: Path, tree: Hierarchy, retrained: set[str], new_info: NodeInfo) -> None:
-    """Stop before ``<out>/backbone/`` changes under the heads that this run leaves in place.
+def kept_heads(out: Path, tree: Hierarchy, retrained: set[str]) -> list[NodeInfo]:
+    """The node.json of every features-mode head in ``out`` (nodes and attributes) not in ``retrained``."""
+    heads = [out / tree.folders[n] for n in tree.parents] + sorted((out / ATTRIBUTES_FOLDER).glob("*/"))
+    return [info for info in map(_head_info, heads) if info is not None and info.node not in retrained]
+
+
+def refuse_to_replace_a_used_backbone(out: Path, kept: list[NodeInfo], new_info: NodeInfo) -> None:
+    """Stop before ``<out>/backbone/`` changes under the ``kept`` heads that this run leaves in place.
 
     Every features-mode head reads that one backbone's embeddings; replacing it (``--node b
     --weights other.pth``) would silently change the input of every other node's head.
     """
-    old = _stored_embedding(out / "backbone")
-    if old is None:
+    stored = _stored_info(out / "backbone")
+    if stored is None:
         return  # none yet, or unreadable: no head can use it
-    new = _embedding(new_info)
-    if old == new:
-        return
-    heads = [out / tree.folders[n] for n in tree.parents] + sorted((out / ATTRIBUTES_FOLDER).glob("*/"))
-    kept = [info.node for info in map(_head_info, heads) if info is not None and info.node not in retrained]
-    if kept:
-        names = ", ".join(repr(n or "root") for n in kept)
+    old, new = _embedding(stored), _embedding(new_info)
+    if old != new and kept:
+        names = ", ".join(repr(info.node or "root") for info in kept)
         raise TrainError(
             f"{out / 'backbone'} embeds with {_describe(old)}, and the heads of {names} were trained on it; "
             f"this run's {_describe(new)} would change their input: retrain every node with --force "
@@ -624,10 +627,14 @@ class FeaturesMode:
         """Open the backbone and store it in ``<out>/backbone/`` unless it is there already (parallel runs)."""
         backbone, key = open_backbone(self.config)
         tree = Hierarchy.load(self.split_dir / "hierarchy.json")
-        info = backbone_info(backbone, key)
-        refuse_to_replace_a_used_backbone(self.out, tree, {d.node for d in todo}, info)
-        if _stored_embedding(self.out / "backbone") != _embedding(info):
-            save_backbone(self.out / "backbone", backbone, key)
+        kept = kept_heads(self.out, tree, {d.node for d in todo})
+        # The backbone embeds colour for this run's heads only when asked; the stored one also for kept heads.
+        colour = backbone.embedder.colour is not None or any(map(artefacts.reads_colour, kept))
+        info = backbone_info(backbone, key, colour)
+        refuse_to_replace_a_used_backbone(self.out, kept, info)
+        stored = _stored_info(self.out / "backbone")
+        if stored is None or _embedding(stored) != _embedding(info) or artefacts.reads_colour(stored) != colour:
+            save_backbone(self.out / "backbone", backbone, info)
         return backbone, key
 
     def views(self, todo: list[NodeData]) -> dict[str, int]:

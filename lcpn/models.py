@@ -17,13 +17,14 @@ precision, else float32. ``auto``, ``bf16`` and ``fp32`` override that for every
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from . import artefacts, backbones
 from .artefacts import ArtefactError, NodeInfo
@@ -203,18 +204,25 @@ def load_models(
 def load_all(models: str | Path, device: str = "auto", precision: str = AS_TRAINED, attributes: bool = True
              ) -> LoadedModels:  # fmt: skip
     """Every parent node's model and, with ``attributes``, every attribute model; raises ArtefactError."""
-    loader = _Loader(Path(models), read_tree(models), device, precision)
-    nodes = {node: loader.node(node) for node in loader.tree.parents}
+    tree = read_tree(models)
     specs = read_specs(models) if attributes else {}
+    loader = _Loader(Path(models), tree, device, precision, _folders(tree, specs.values()))
+    nodes = {node: loader.node(node) for node in loader.tree.parents}
     return LoadedModels(loader.tree, nodes, {name: loader.attribute(spec) for name, spec in specs.items()},
                         loader.priors)  # fmt: skip
 
 
+def _folders(tree: Hierarchy, specs: Iterable[AttributeSpec]) -> list[str]:
+    """The model folders of every parent node and of the given attributes."""
+    return [tree.folders[n] for n in tree.parents] + [s.folder for s in specs]
+
+
 def node_problems(models: str | Path) -> dict[str, str]:
     """What keeps each parent node (by node id) or attribute (``attribute:<name>``) from loading on the CPU."""
-    loader = _Loader(Path(models), read_tree(models), "cpu", "fp32")
-    checks = [(n, partial(loader.node, n)) for n in loader.tree.parents]
-    checks += [(s.node, partial(loader.attribute, s)) for s in read_specs(models).values()]
+    tree, specs = read_tree(models), list(read_specs(models).values())
+    loader = _Loader(Path(models), tree, "cpu", "fp32", _folders(tree, specs))
+    checks = [(n, partial(loader.node, n)) for n in tree.parents]
+    checks += [(s.node, partial(loader.attribute, s)) for s in specs]
     problems = {}
     for name, check in checks:
         try:
@@ -225,12 +233,17 @@ def node_problems(models: str | Path) -> dict[str, str]:
 
 
 class _Loader:
-    """Loads nodes one at a time; the shared backbone once, on the first features node."""
+    """Loads nodes one at a time; the shared backbone once, on the first features node.
 
-    def __init__(self, models: Path, tree: Hierarchy, device: str, precision: str) -> None:
+    ``heads``: the folders of every model that will be loaded; the backbone computes the colour
+    histogram only when one of them reads it (predicting the category path alone skips it).
+    """
+
+    def __init__(self, models: Path, tree: Hierarchy, device: str, precision: str, heads: Sequence[str]) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; choose {', '.join(PRECISIONS)}")
         self.models, self.tree, self.precision = models, tree, precision
+        self.colour_read = any(_reads_colour(models / folder) for folder in heads)
         self.device = resolve_device(device)
         self._backbone: SharedBackbone | None = None
         self.priors: dict[str, list[float]] = {}  # of the nodes loaded so far
@@ -259,8 +272,11 @@ class _Loader:
             return ConstantNode(info.classes)
         if info.mode == "features":
             backbone = self.backbone()
-            _check_head_fits(title, info, backbone, self.models)
-            return HeadNode(info.classes, loaded.network.to("cpu"), backbone)
+            head = loaded.network.to("cpu")
+            colour = backbone.embedder.colour
+            skip = colour.dim if colour is not None and not artefacts.reads_colour(info) else 0
+            _check_head_fits(title, info, backbone, skip, self.models)
+            return HeadNode(info.classes, nn.Sequential(backbones.SkipColumns(skip), head) if skip else head, backbone)
         network = loaded.network.to(self.device, memory_format=torch.channels_last)
         return NetworkNode(info.classes, network, loaded.transforms, self.runtime(info))
 
@@ -272,7 +288,7 @@ class _Loader:
             network = backbones.build(info.backbone, 0)
             artefacts.load_weights(network, folder / artefacts.MODEL)
             data = artefacts.data_config(info)
-            colour = ColourHistogram(data.mean, data.std) if info.config.get("colour_features") else None
+            colour = ColourHistogram(data.mean, data.std) if artefacts.reads_colour(info) and self.colour_read else None
             # Model folders from before stage features have no "stage_features": their heads read the final features.
             embedder = backbones.Embedder(network, int(info.config.get("stage_features", 0)), colour)
             embedder.eval().to(self.device, memory_format=torch.channels_last)
@@ -281,10 +297,20 @@ class _Loader:
         return self._backbone
 
 
-def _check_head_fits(title: str, info: NodeInfo, shared: SharedBackbone, models: Path) -> None:
-    """A head trained on another embedding (``lcpn train --node`` with other options) must not load."""
+def _reads_colour(folder: Path) -> bool:
+    try:
+        info = artefacts.read_info(folder)
+    except ArtefactError:
+        return False  # loading it will say what is wrong
+    return info.mode == "features" and artefacts.reads_colour(info)
+
+
+def _check_head_fits(title: str, info: NodeInfo, shared: SharedBackbone, skip: int, models: Path) -> None:
+    """A head trained on another embedding (``lcpn train --node`` with other options) must not load.
+
+    ``skip``: the backbone's leading colour columns that this head does not read."""
     trained_on = (info.backbone, artefacts.data_config(info).image_size, artefacts.head_in_features(info))
-    given = (shared.name, shared.data.image_size, shared.embedder.dim)
+    given = (shared.name, shared.data.image_size, shared.embedder.dim - skip)
     if trained_on != given:
         raise ArtefactError(
             f"the head of {title} was trained on {_describe(*trained_on)} embeddings, but "

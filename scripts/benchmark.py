@@ -542,8 +542,7 @@ def main() -> None:
         ood_pairs = [(it.leaf, p.node) for it, p in ood_eval.predictions if p.error is None]
 
     log("baselines on the same embeddings")
-    backbone = next(n for n in cascade.nodes.values() if isinstance(n, HeadNode)).backbone
-    dim = backbone.embedder.dim
+    dim = backbone.embedder.dim  # the embedding pass's: the loaded one adds colour when an attribute reads it
     ood_pairs_in = [(it.path, it.leaf) for it in ood]
     sets = [test, ood_pairs_in] if ood else [test]
     flat_preds, flat_head, flat_seconds = flat_baseline(split, tree, feats, sets, config, dim)

@@ -208,6 +208,44 @@ def test_retraining_one_attribute_leaves_the_rest(featured, split, tmp_path):
     )
 
 
+def test_one_attribute_reads_colour_and_the_heads_beside_it_do_not_move(featured, split, tmp_path):
+    import shutil
+
+    from lcpn.colour import LEVELS
+
+    models = tmp_path / "models"
+    shutil.copytree(featured, models)
+    paths = [r["path"] for r in read_csv(split / "test.csv")]
+
+    def predictions(**kw):
+        cascade = Cascade.load(models, "cpu", **kw)
+        return cascade.nodes[""].backbone, list(cascade.predict(paths, batch_size=64))
+
+    def retrain(name, **kw):
+        train_nodes(split, models, features_config(featured.parent / "cache", **kw), None, True, [name])
+
+    _, before = predictions()
+    retrain("colour", colour_features=True)
+    head = {n: artefacts.read_info(models / "attributes" / n).head["in_features"] for n in ("gender", "colour")}
+    assert head["colour"] == head["gender"] + LEVELS**3 + 4
+    assert artefacts.reads_colour(artefacts.read_info(models / "backbone"))
+    backbone, after = predictions()
+    assert backbone.embedder.colour is not None
+    for old, new in zip(before, after, strict=True):  # the nodes and gender read the same columns as before
+        assert (new.path, new.attributes["gender"]["label"]) == (old.path, old.attributes["gender"]["label"])
+        assert new.confidences == pytest.approx(old.confidences, abs=1e-5)
+        assert new.attributes["gender"]["confidence"] == pytest.approx(old.attributes["gender"]["confidence"], abs=1e-5)
+    category_only, paths_only = predictions(attributes=False)
+    assert category_only.embedder.colour is None  # no loaded head reads it: not computed
+    assert [p.path for p in paths_only] == [p.path for p in before]
+
+    retrain("gender")
+    assert artefacts.reads_colour(artefacts.read_info(models / "backbone"))  # the colour head still reads it
+    retrain("colour")
+    assert not artefacts.reads_colour(artefacts.read_info(models / "backbone"))  # no head reads it any more
+    assert predictions()[0].embedder.colour is None
+
+
 def test_finetune_mode_trains_a_network_for_one_attribute(split, tmp_path):
     config = TrainConfig(backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
     results = train_nodes(split, tmp_path / "models", config, nodes=None, attributes=["gender"])
