@@ -201,8 +201,10 @@ OPTIONS: dict[str, Option] = {
                              "last N stages to its final features (0: the final features only; same single "
                              "pass).", FEATURES),
     "colour_features": Option(click.BOOL, "features mode: a histogram of the product's colours (read off the "
-                              "backbone's input, the white background left out) joins the embedding: ImageNet "
-                              "features hardly tell colours apart.", FEATURES,
+                              "backbone's input, the white background left out) joins the embedding of the heads "
+                              "trained in this run: ImageNet features hardly tell colours apart. Chosen per head: "
+                              "'--attribute baseColour --colour-features' leaves the other heads as they are.",
+                              FEATURES,
                               flag="--colour-features/--no-colour-features"),
     "views": Option(click.IntRange(min=1), "features mode: embeddings per training image: 1 plain, 2 adds its "
                     "mirror image, 3+ add random crops (val images and prediction use the plain view).", FEATURES),
