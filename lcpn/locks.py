@@ -2,8 +2,11 @@
 
 The lock is created with ``O_EXCL``, so of two runs into the same model folder only one trains a
 node; the other is refused with the holder's pid, host and start time. A lock left by a process
-that has died on this host (killed, machine slept) is taken over; one from another host is not,
-since its process cannot be checked from here.
+that has died on this host (killed, machine slept) is taken over. One from another host cannot be
+checked from here, unless a cluster engine is in use (``use_cluster``: Ray's tasks): the lock then
+names the holder's machine as the cluster knows it, and the cluster answers whether that machine is
+still in it and the process still alive there, so a lost worker's or a lost machine's node is
+taken over by its retry wherever it runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .errors import LcpnError
 
@@ -23,6 +27,23 @@ LOCK_FILE = ".train.lock"
 
 class LockHeldError(LcpnError):
     """Another live run holds the lock."""
+
+
+class Cluster(Protocol):
+    """What a cluster engine tells the locks: this process's machine, and whether a holder elsewhere lives."""
+
+    def machine(self) -> str: ...
+
+    def alive(self, machine: str, pid: int) -> bool: ...
+
+
+_cluster: Cluster | None = None
+
+
+def use_cluster(cluster: Cluster | None) -> None:
+    """Name machines in locks, and check holders on other machines, through ``cluster`` (None: no cluster)."""
+    global _cluster
+    _cluster = cluster
 
 
 @dataclass
@@ -38,6 +59,8 @@ def acquire(folder: Path, title: str) -> NodeLock:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if _cluster is not None:
+        me["machine"] = _cluster.machine()
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -61,7 +84,8 @@ def _read(path: Path) -> dict | None:
     for attempt in range(2):
         try:
             holder = json.loads(path.read_text(encoding="utf-8"))
-            return {"pid": int(holder["pid"]), "host": str(holder["host"]), "since": str(holder["since"])}
+            read = {"pid": int(holder["pid"]), "host": str(holder["host"]), "since": str(holder["since"])}
+            return read | ({"machine": str(holder["machine"])} if "machine" in holder else {})
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError):
@@ -72,9 +96,16 @@ def _read(path: Path) -> dict | None:
 
 def _alive(holder: dict) -> bool:
     if holder["host"] != socket.gethostname():
+        if _cluster is not None and "machine" in holder:
+            return _cluster.alive(holder["machine"], holder["pid"])
         return True  # cannot tell from here
+    return pid_alive(holder["pid"])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is alive."""
     try:
-        os.kill(holder["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -14,10 +14,11 @@ Then every node (and attribute) is one Ray task that runs the one node loop for 
 the node is locked, built in a staging folder and swapped in, exactly as in a sequential run; in
 features mode each task finds its embeddings in the store. A task needs one GPU in finetune mode
 when the cluster has GPUs, else one CPU. A task whose worker dies (killed, out of memory, machine
-lost) or that fails with anything but a user error (``LcpnError``) is retried; the retry takes over
-the dead worker's lock when it runs on the same machine, removes its leftovers and, in finetune
-mode, resumes from its last checkpoint. A lock left by a machine that is gone is refused with the
-holder's name, as in a sequential run.
+lost) or that fails with anything but a user error (``LcpnError``) is retried. Node locks name the
+holder's Ray node (``locks.use_cluster``), so the retry, on whatever machine it runs, takes over the
+lock of a worker that died or of a machine that left the cluster (a pinned task checks the pid on
+the holder's machine), removes its leftovers and, in finetune mode, resumes from its last
+checkpoint. A lock whose holder is still alive is refused with its name, as in a sequential run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import locks
 from .config import TrainConfig
 from .errors import LcpnError
 from .features import FeaturesMode, embed_images, open_backbone
@@ -44,6 +46,7 @@ LOCAL = "local"  # ``--ray`` without an address: start a Ray instance on this ma
 MAX_RETRIES = 3  # per node task: a fourth lost worker fails the node
 EMBED_BATCH = 1024  # images per Ray Data batch at most: one store shard each
 EMBED_PER_ACTOR = 256  # fewer images than this per actor do not pay for opening another backbone
+CHECK_SECONDS = 60  # how long a lock's holder check on another machine may take before the lock counts as held
 
 
 class RayError(LcpnError):
@@ -118,16 +121,26 @@ def _missing(paths: list[Path]) -> tuple[str, list[str]]:
     return socket.gethostname(), [str(p) for p in paths if not p.exists()]
 
 
-def require_visible(paths: list[Path]) -> None:
-    """Refuse the run unless every alive machine of the cluster sees every one of ``paths``."""
+def _pinned(fn, machine: str):
+    """``fn`` as a Ray task that runs on the Ray node ``machine`` and nowhere else, needing no CPU."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    check = ray.remote(num_cpus=0, max_retries=0)(_missing)
-    answers = ray.get([
-        check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
-        for n in ray.nodes() if n["Alive"]
-    ])  # fmt: skip
+    strategy = NodeAffinitySchedulingStrategy(machine, soft=False)
+    return ray.remote(num_cpus=0, max_retries=0)(fn).options(scheduling_strategy=strategy)
+
+
+def _alive_machines() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def require_visible(paths: list[Path]) -> None:
+    """Refuse the run unless every alive machine of the cluster sees every one of ``paths``."""
+    import ray
+
+    answers = ray.get([_pinned(_missing, machine).remote(paths) for machine in sorted(_alive_machines())])
     blind = [(host, missing) for host, missing in answers if missing]
     if blind:
         host, missing = blind[0]
@@ -173,10 +186,30 @@ def embed_on_cluster(plan: TrainingPlan, config: TrainConfig, todo: list[NodeDat
           f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
 
 
+class RayMachines:
+    """``locks.Cluster`` on Ray: machines are Ray node ids; a holder elsewhere is checked on its own machine."""
+
+    def machine(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def alive(self, machine: str, pid: int) -> bool:
+        import ray
+
+        if machine not in _alive_machines():
+            return False  # the machine left the cluster, and the process with it
+        try:
+            return bool(ray.get(_pinned(locks.pid_alive, machine).remote(pid), timeout=CHECK_SECONDS))
+        except (ray.exceptions.RayError, TimeoutError):
+            return True  # cannot tell: refusing is safer than training a node twice at once
+
+
 def _train_one(
     split_dir: Path, out: Path, config: TrainConfig, node: str | None, attribute: str | None, force: bool
 ) -> list[NodeResult] | LcpnError:
     """One Ray task: the node loop for one node or attribute. A user error is returned, so it is not retried."""
+    locks.use_cluster(RayMachines())
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the driver prints each node's line once
             return train_nodes(split_dir, out, config, None if node is None else [node], force,

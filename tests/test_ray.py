@@ -1,6 +1,8 @@
 """``lcpn train --ray`` on a local Ray cluster of 2 CPUs: the same models as a sequential run."""
 
 import contextlib
+import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -12,10 +14,11 @@ import torch
 from click.testing import CliRunner
 from threadpoolctl import threadpool_limits
 
-from lcpn import artefacts
+from lcpn import artefacts, ray_engine
 from lcpn.cli import main
 from lcpn.config import TrainConfig
 from lcpn.hierarchy import Hierarchy
+from lcpn.locks import LOCK_FILE
 from lcpn.ray_engine import RayError, require_visible, train_on_ray
 from lcpn.train import train_nodes
 
@@ -67,8 +70,20 @@ def runs(split, cluster, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     cluster.touch()
-    statuses = {r.status for r in train_on_ray(split, tmp / "ray", features_config(tmp / "cache-ray"))}
-    return tmp, statuses
+    # node b was being trained on a machine that has left the cluster since: its retry must take it over
+    lost = tmp / "ray" / "b" / LOCK_FILE
+    lost.parent.mkdir(parents=True)
+    lost.write_text(json.dumps({"pid": 4242, "host": "machine-that-left", "since": "2024-01-01 10:00:00",
+                                "machine": "f" * 56}))  # fmt: skip
+    printed = io.StringIO()
+    per_actor = ray_engine.EMBED_PER_ACTOR
+    ray_engine.EMBED_PER_ACTOR = 8  # the fixture's few images still make two actors' batches
+    try:
+        with contextlib.redirect_stdout(printed):
+            statuses = {r.status for r in train_on_ray(split, tmp / "ray", features_config(tmp / "cache-ray"))}
+    finally:
+        ray_engine.EMBED_PER_ACTOR = per_actor
+    return tmp, statuses, printed.getvalue()
 
 
 def node_folders(split: Path, models: Path) -> list[Path]:
@@ -99,22 +114,24 @@ def predictions(split: Path, models: Path) -> str:
 
 
 def test_ray_trains_the_same_models_and_predictions_as_a_sequential_run(runs, split):
-    tmp, statuses = runs
+    tmp, statuses, printed = runs
     assert statuses == {"trained", "constant"}
+    assert "on 2 CPU worker(s)" in printed  # the embedding pass was sharded over two actors
     assert_same_models(split, tmp / "sequential", tmp / "ray")
     assert predictions(split, tmp / "ray") == predictions(split, tmp / "sequential")
     assert any((tmp / "cache-ray").rglob("shard-*.json"))  # the Ray Data pass filled its own store
 
 
 def test_a_node_whose_worker_died_was_retried_and_finished(runs, cluster):
-    tmp, _ = runs
+    tmp, _, _ = runs
     assert not cluster.exists() and cluster.with_name("armed.fired").exists()  # a worker did die mid-node
     leftovers = [p for p in (tmp / "ray").rglob(".*") if p.name == ".train.lock" or p.name.endswith(".tmp")]
     assert leftovers == []  # the retry took over the dead worker's lock and removed its staging folder
+    assert artefacts.read_info(tmp / "ray" / "b").kind != "constant"  # and the lock of the machine that left
 
 
 def test_the_command_line_on_ray_does_not_train_finished_nodes_again(runs, split):
-    tmp, _ = runs
+    tmp, _, _ = runs
     trained = [f / "node.json" for f in node_folders(split, tmp / "ray") if artefacts.read_info(f).kind != "constant"]
     before = {p: p.stat().st_mtime_ns for p in trained}
     shards = sorted((tmp / "cache-ray").rglob("shard-*"))

@@ -96,6 +96,59 @@ def test_a_node_locked_by_a_live_run_is_refused_and_a_dead_runs_lock_is_taken_ov
     assert mode.fitted == ["b"] and not lock.exists()
 
 
+class LockReadingMode(RecordingMode):
+    """Records the lock each node holds while it is fitted."""
+
+    def __init__(self):
+        super().__init__()
+        self.locks = []
+
+    def fit(self, data, folder):
+        self.locks.append(json.loads((folder.final / LOCK_FILE).read_text()))
+        return super().fit(data, folder)
+
+
+class Machines:
+    """A cluster engine's answers about the machines of a lock's holders (``locks.Cluster``)."""
+
+    def __init__(self, holder_alive: bool):
+        self.holder_alive, self.asked = holder_alive, []
+
+    def machine(self):
+        return "machine-here"
+
+    def alive(self, machine, pid):
+        self.asked.append((machine, pid))
+        return self.holder_alive
+
+
+def test_a_lock_from_another_machine_is_taken_over_only_when_the_cluster_says_its_holder_is_gone(
+    split, tmp_path, monkeypatch
+):
+    from lcpn import locks
+
+    monkeypatch.setattr(locks, "_cluster", None)  # restored after the test
+    lock = tmp_path / "b" / LOCK_FILE
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": 4242, "host": "elsewhere", "since": "2024-01-01 10:00:00",
+                                "machine": "machine-gone"}))  # fmt: skip
+    with pytest.raises(LockHeldError, match="pid 4242 on elsewhere"):  # no cluster: cannot tell from here
+        run_all(split, tmp_path, RecordingMode(), nodes=["b"])
+    for alive in (True, False):
+        machines = Machines(alive)
+        locks.use_cluster(machines)
+        mode = LockReadingMode()
+        if alive:
+            with pytest.raises(LockHeldError, match="pid 4242 on elsewhere"):
+                run_all(split, tmp_path, mode, nodes=["b"])
+            assert lock.exists() and mode.fitted == []
+        else:
+            run_all(split, tmp_path, mode, nodes=["b"])
+            assert mode.fitted == ["b"] and not lock.exists()
+            assert mode.locks[0]["machine"] == "machine-here" and mode.locks[0]["pid"] == os.getpid()  # this run's
+        assert machines.asked == [("machine-gone", 4242)]
+
+
 def test_leftovers_of_a_killed_run_are_cleaned_at_start(split, tmp_path):
     node = tmp_path / "b"
     leftovers = [node / ".checkpoint.pt.k2j3.tmp", node / "bin" / ".encoder.pickle.x1.tmp"]
