@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train every node of an LCPN model, one `lcpn train --node` call per parent node.
+# Train every node of an LCPN model, one `lcpn train --node` call per parent node (and one
+# `lcpn train --attribute` call per product attribute when the split records attributes).
 #
 #   ./train_lcpn.sh [DATASET] [-- extra `lcpn train` options]
 #
@@ -43,15 +44,18 @@ mapfile -t nodes < <("$py" -c '
 import json, sys
 from lcpn.hierarchy import Hierarchy
 for n in Hierarchy.load(sys.argv[1]).parents:
-    print(n or "root")' "$split/hierarchy.json")
+    print(n or "root")
+for name in json.load(open(sys.argv[1], encoding="utf-8")).get("attributes", {}):
+    print("attribute:" + name)' "$split/hierarchy.json")
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 gpus=${gpus:-0}
-echo "== Training ${#nodes[@]} parent nodes into $models (JOBS=$jobs)"
+echo "== Training ${#nodes[@]} parent nodes and attributes into $models (JOBS=$jobs)"
 
-train_node() {  # $1: node, $2: slot number
-  local env=()
+train_node() {  # $1: node, or attribute:NAME; $2: slot number
+  local env=() what=(--node "$1")
   if [ "$gpus" -gt 1 ]; then env=(CUDA_VISIBLE_DEVICES=$(( $2 % gpus ))); fi
-  env "${env[@]}" "$lcpn" train --data "$split" --out "$models" --node "$1" "${config[@]}" "${extra[@]}"
+  if [[ $1 == attribute:* ]]; then what=(--attribute "${1#attribute:}"); fi
+  env "${env[@]}" "$lcpn" train --data "$split" --out "$models" "${what[@]}" "${config[@]}" "${extra[@]}"
 }
 
 failed=0
@@ -77,7 +81,7 @@ fi
 echo
 echo "== Per-node summary ($models)"
 "$lcpn" summary --models "$models"
-echo "== $(( ${#nodes[@]} - failed )) of ${#nodes[@]} parent nodes ready in $models, training took $(( $(date +%s) - train_start )) s"
+echo "== $(( ${#nodes[@]} - failed )) of ${#nodes[@]} parent nodes and attributes ready in $models, training took $(( $(date +%s) - train_start )) s"
 if [ "$failed" -ne 0 ]; then echo "train_lcpn.sh: $failed node(s) failed; run it again to resume them" >&2; exit 1; fi
 
 echo

@@ -38,7 +38,8 @@ MLP_HEADS = ("mlp", "ensemble")
 # Features mode's backbone is the one that measured best on new product photos (docs/benchmarks.md),
 # and its ImageNet weights ship with its package, so it works offline.
 MODE_DEFAULTS = {
-    "finetune": {"backbone": "efficientnet-b4", "lr": 3e-4, "weight_decay": 1e-2},
+    # features mode has no batch size of its own: its embedding batches follow the device (feed.default_batch_size)
+    "finetune": {"backbone": "efficientnet-b4", "lr": 3e-4, "weight_decay": 1e-2, "batch_size": 16},
     "features": {"backbone": "efficientnet-lite2", "lr": 1e-3, "weight_decay": 0.05},
 }
 
@@ -56,7 +57,7 @@ class TrainConfig:
     image_size: int | None = None  # None: the backbone's own resolution (380 for B4, 224 for Lite0)
     square: str = "squash"  # how a picture becomes a square: squash, letterbox (pad white) or crop the centre
     epochs: int = 10  # finetune: upper bound; early stopping usually ends sooner
-    batch_size: int = 16
+    batch_size: int | None = None  # None: 16 to fine-tune; features mode's embedding pass: the device's
     lr: float | None = None  # AdamW peak learning rate after the warm-up; None: the mode's (MODE_DEFAULTS)
     weight_decay: float | None = None  # AdamW weight decay; None: the mode's (MODE_DEFAULTS)
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero
@@ -71,7 +72,8 @@ class TrainConfig:
     # of the catalogue's Footwear node every finetune recipe gained 4-8 points with it (docs/benchmarks.md)
     freeze_bn: bool = True
     device: str = "auto"
-    workers: int = 2  # image-decoding worker processes: finetune training, features mode's embedding pass
+    # image-decoding worker processes: finetune training, features mode's embedding pass; None: feed.default_workers
+    workers: int | None = None
     seed: int = 0
     head: str = "ensemble"  # features mode: "linear" (logistic regression, L2 chosen on val), "mlp", or
     # "ensemble": both, probabilities averaged (the most accurate in docs/benchmarks.md)
@@ -95,7 +97,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolved(self) -> TrainConfig:
-        """The config with the mode's defaults filled in where ``backbone`` / ``lr`` / ``weight_decay`` are None."""
+        """The config with the mode's defaults filled in where ``backbone`` / ``lr`` / ``weight_decay`` /
+        ``batch_size`` are None."""
         defaults = MODE_DEFAULTS[self.mode]
         return self.replace(**{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
@@ -151,7 +154,8 @@ OPTIONS: dict[str, Option] = {
     "square": Option(click.Choice(SQUARE_MODES), "How a picture becomes the square input, stored with the model: "
                      "squash (stretch), letterbox (pad with white, proportions kept) or crop (the centre)."),
     "epochs": Option(click.IntRange(min=1), "finetune mode: most epochs per node.", FINETUNE),
-    "batch_size": Option(click.IntRange(min=1), "Images per batch (features mode: per embedding batch)."),
+    "batch_size": Option(click.IntRange(min=1), "Images per batch (features mode: per embedding batch, "
+                         "256 on a GPU and 32 on the CPU unless given)."),
     "lr": Option(click.FloatRange(min=0, min_open=True), "AdamW peak learning rate (finetune, and features "
                  "mode's MLP heads).", MLP),
     "weight_decay": Option(click.FloatRange(min=0), "AdamW weight decay (finetune, and features mode's MLP "
@@ -177,7 +181,8 @@ OPTIONS: dict[str, Option] = {
                         flag="--freeze-bn/--no-freeze-bn", before=False),
     "device": Option(click.Choice(DEVICES), "Where to train; auto picks CUDA, then MPS, then the CPU."),
     "workers": Option(click.IntRange(min=0), "Image-decoding worker processes (finetune training, features "
-                      "mode's embedding pass; 0: in this process)."),
+                      "mode's embedding pass; 0: in this process; default: the CPU cores, at most 4, or all "
+                      "but one, at most 16, on a machine with a GPU)."),
     "seed": Option(click.INT, "Random seed."),
     "head": Option(click.Choice(HEADS), "features mode: the per-node head: a logistic regression, a bag of MLPs "
                    "(--mlp-members), or both averaged.", FEATURES),
@@ -226,7 +231,7 @@ _WHO_READS = {"finetune": "finetune mode", "features": "features mode", "mlp hea
 def default_text(name: str) -> str:
     """The default of an option as shown in its help."""
     if name in MODE_DEFAULTS["finetune"]:
-        return " [default: " + ", ".join(f"{d[name]} in {m} mode" for m, d in MODE_DEFAULTS.items()) + "]"
+        return " [default: " + ", ".join(f"{d[name]} in {m} mode" for m, d in MODE_DEFAULTS.items() if name in d) + "]"
     default = getattr(TrainConfig(), name)
     return "" if default is None else f" [default: {default}]"  # None: the help says what happens
 

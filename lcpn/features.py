@@ -47,7 +47,7 @@ from .colour import ColourHistogram
 from .config import TrainConfig
 from .devices import bf16_supported, resolve_device, training_note
 from .embedding_store import EmbeddingStore
-from .feed import feed
+from .feed import default_batch_size, feed
 from .fsio import file_sha256
 from .hierarchy import Hierarchy
 from .nodes import NodeData, TrainError, finish_node
@@ -619,7 +619,8 @@ class FeaturesMode:
         paths = sorted(views)
         store = self.store(key)
         t0 = time.perf_counter()
-        self.feats = embed_images(paths, backbone, store, views, config.batch_size, config.workers) if paths else {}
+        batch = config.batch_size or default_batch_size(backbone.runtime.device)
+        self.feats = embed_images(paths, backbone, store, views, batch, config.workers) if paths else {}
         log.info("embeddings ready in %.1f s", time.perf_counter() - t0)
         self.backbone = backbone
 

@@ -73,6 +73,7 @@ from . import backbones, distributed, features, fsio
 from .artefacts import NodeInfo
 from .config import TrainConfig
 from .devices import resolve_device, training_note
+from .feed import default_workers
 from .images import ImageError, open_rgb
 from .nodes import NodeData, TrainError, finish_node
 from .recipe import class_weights, data_config_for, seed_everything, warmup_cosine
@@ -154,7 +155,7 @@ def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def _loader(rows, transform, config: TrainConfig, order, device: torch.device, generator) -> DataLoader:
     """Batches of ``rows`` in ``order`` (an iterable of row numbers); ``generator`` seeds the worker processes."""
-    workers = config.workers
+    workers = default_workers() if config.workers is None else config.workers
     return DataLoader(
         ImageDataset(rows, transform), batch_size=config.batch_size, sampler=ViewSeeds(order, config.seed),
         generator=generator, num_workers=workers, collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",

@@ -6,14 +6,16 @@ its images and the model folder: they must live on a path every worker sees (a s
 system, or a bucket mounted at the same path on every machine), and lcpn must be installed on
 every machine. In features mode the driver then stores the shared backbone once and runs the
 embedding pass as a Ray Data job: the images of the nodes to train, in batches over a pool of
-actors (one per GPU, else one per CPU) that each open the backbone once and add their shards to
-the same embedding store a sequential run uses.
+actors that each open the backbone once and add their shards to the same embedding store a
+sequential run uses: on GPUs one actor per GPU, with the cluster's CPUs per GPU for it and its
+decoding processes; without, one actor per CPU that decodes in its own process.
 
 Then every node (and attribute) is one Ray task that runs the one node loop for that node alone
 (``train.train_nodes(..., nodes=[node])`` -> ``runner.run_nodes``): finished nodes are skipped,
 the node is locked, built in a staging folder and swapped in, exactly as in a sequential run; in
 features mode each task finds its embeddings in the store. A task needs one GPU in finetune mode
-when the cluster has GPUs, else one CPU. A task whose worker dies (killed, out of memory, machine
+when the cluster has GPUs, a quarter of one in features mode (its MLPs train there; four heads
+share a GPU), else one CPU. A task whose worker dies (killed, out of memory, machine
 lost) or that fails with anything but a user error (``LcpnError``) is retried. Node locks name the
 holder's Ray node (``locks.use_cluster``), so the retry, on whatever machine it runs, takes over the
 lock of a worker that died or of a machine that left the cluster (a pinned task checks the pid on
@@ -37,6 +39,7 @@ from . import locks
 from .config import TrainConfig
 from .errors import LcpnError
 from .features import FeaturesMode, embed_images, open_backbone
+from .feed import default_batch_size
 from .fsio import disk_full_as_error
 from .nodes import NodeData, NodeResult, summary_line
 from .runner import load_nodes, skipped
@@ -46,6 +49,7 @@ LOCAL = "local"  # ``--ray`` without an address: start a Ray instance on this ma
 MAX_RETRIES = 3  # per node task: a fourth lost worker fails the node
 EMBED_BATCH = 1024  # images per Ray Data batch at most: one store shard each
 EMBED_PER_ACTOR = 256  # fewer images than this per actor do not pay for opening another backbone
+FEATURES_GPU_SHARE = 0.25  # of a GPU per features-mode node task: a head's MLPs need little of one
 CHECK_SECONDS = 60  # how long a lock's holder check on another machine may take before the lock counts as held
 
 
@@ -75,12 +79,13 @@ def train_on_ray(
     task_config = plan.config  # workers start in other folders: give them absolute paths
     if task_config.cache:
         task_config = task_config.replace(cache=str(Path(task_config.cache).resolve()))
+        Path(task_config.cache).mkdir(parents=True, exist_ok=True)  # made here, so that every machine can see it
     started = not ray.is_initialized()
     if started:
         _connect(ray, address)
     try:
         data = load_nodes(plan.split_dir, plan.tree, plan.chosen, plan.attributes)
-        require_visible(_shared_paths(plan, data))
+        require_visible(_shared_paths(plan, data, task_config.cache))
         todo = [d for d in data if len(d.classes) > 1 and not skipped(d, plan.out, plan.config, force)]
         if task_config.mode == "features" and todo:
             embed_on_cluster(plan, task_config, todo)
@@ -110,10 +115,11 @@ def _connect(ray, address: str) -> None:
                        ) from None  # fmt: skip
 
 
-def _shared_paths(plan: TrainingPlan, data: list[NodeData]) -> list[Path]:
-    """What every worker must see: the split, an image of it, and the model folder."""
+def _shared_paths(plan: TrainingPlan, data: list[NodeData], cache: str | None) -> list[Path]:
+    """What every worker must see: the split, an image of it, the model folder, and --cache if given."""
     image = next((Path(p) for d in data for p, _ in d.train), None)
-    return [plan.split_dir / "hierarchy.json", plan.out, *([image] if image else [])]
+    extra = [p for p in (image, Path(cache) if cache else None) if p is not None]
+    return [plan.split_dir / "hierarchy.json", plan.out, *extra]
 
 
 def _missing(paths: list[Path]) -> tuple[str, list[str]]:
@@ -153,15 +159,15 @@ def require_visible(paths: list[Path]) -> None:
 class _EmbeddingActor:
     """A Ray Data worker: opens the backbone once, then embeds batches of paths into the shared store."""
 
-    def __init__(self, split_dir: Path, out: Path, config: TrainConfig) -> None:
+    def __init__(self, split_dir: Path, out: Path, config: TrainConfig, workers: int) -> None:
         self.backbone, key = open_backbone(config)
         self.store = FeaturesMode(split_dir, out, config).store(key)
-        self.batch_size = config.batch_size
+        self.batch_size = config.batch_size or default_batch_size(self.backbone.runtime.device)
+        self.workers = workers
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         views = {str(p): int(v) for p, v in zip(batch["path"], batch["views"])}
-        # Ray Data already runs an actor per CPU (or GPU): decode here, not in more processes of its own
-        embedded = embed_images(list(views), self.backbone, self.store, views, self.batch_size, workers=0)
+        embedded = embed_images(list(views), self.backbone, self.store, views, self.batch_size, self.workers)
         return {"embedded": np.array([len(embedded)])}
 
 
@@ -173,13 +179,17 @@ def embed_on_cluster(plan: TrainingPlan, config: TrainConfig, todo: list[NodeDat
     mode.share_backbone(todo)  # refuses a backbone other heads still read, before any work
     views = mode.views(todo)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = min(gpus or max(1, int(ray.cluster_resources().get("CPU", 1))), math.ceil(len(views) / EMBED_PER_ACTOR))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actors = min(gpus or cpus, math.ceil(len(views) / EMBED_PER_ACTOR))
+    # Without GPUs Ray Data runs an actor per CPU: each decodes in its own process. A GPU's actor gets the
+    # cluster's CPUs per GPU: one runs the backbone, the others decode for it (a GPU waits for decoding).
+    cpus_each = max(1, cpus // gpus) if gpus else 1
     batch = min(EMBED_BATCH, math.ceil(len(views) / actors))
     start = time.perf_counter()
     items = [{"path": p, "views": v} for p, v in sorted(views.items())]
     batches = ray.data.from_items(items).map_batches(  # Ray Data restarts a lost actor and retries its batch
-        _EmbeddingActor, fn_constructor_args=(plan.split_dir, plan.out, config), batch_size=batch,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=1,
+        _EmbeddingActor, fn_constructor_args=(plan.split_dir, plan.out, config, cpus_each - 1), batch_size=batch,
+        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=cpus_each,
     )  # fmt: skip
     embedded = sum(int(row["embedded"]) for row in batches.take_all())  # no aggregation task to wait for a CPU
     print(f"embedded {embedded} images on {actors} {'GPU' if gpus else 'CPU'} worker(s) in "
@@ -222,10 +232,9 @@ def _run_node_tasks(plan: TrainingPlan, config: TrainConfig, data: list[NodeData
     """A task per node, a line per node as it finishes; the results in the sequential run's order."""
     import ray
 
-    gpu = config.mode == "finetune" and ray.cluster_resources().get("GPU", 0) > 0
-    task = ray.remote(_train_one).options(
-        num_gpus=1 if gpu else 0, num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=True
-    )
+    gpu = ray.cluster_resources().get("GPU", 0) > 0
+    share = (1 if config.mode == "finetune" else FEATURES_GPU_SHARE) if gpu else 0
+    task = ray.remote(_train_one).options(num_gpus=share, num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=True)
     names = {a.node: a.name for a in plan.attributes}
     pending = {
         task.remote(plan.split_dir, plan.out, config, None if d.node in names else d.node, names.get(d.node), force): d
