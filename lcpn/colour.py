@@ -14,9 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-VERSION = 1  # bump when the histogram's numbers change: embedding stores are keyed on it
+VERSION = 2  # bump when the histogram's numbers change: embedding stores are keyed on it
 LEVELS = 5  # grid points per channel: 125 colours
-GRID_SIDE = 64  # the input is averaged down to about this many pixels a side first (cost, and JPEG noise)
+# The input is averaged down to about this many pixels a side first (cost, and JPEG noise). 64 made the
+# histogram 9% of a Lite2 cascade's prediction time on a 2-core CPU; 32 costs too little to measure there.
+GRID_SIDE = 32
 BACKGROUND = 0.92  # a pixel whose every channel is above this is studio background
 SIGMA = 0.5 / (LEVELS - 1)  # soft assignment: half a grid step
 
@@ -45,7 +47,8 @@ class ColourHistogram(nn.Module):
         product = (rgb.amin(2) < BACKGROUND).float()  # (B, pixels)
         area = product.sum(1, keepdim=True)
         weights = product / area.clamp(min=1)
-        distance = ((rgb.unsqueeze(2) - self.grid) ** 2).sum(3)  # (B, pixels, colours)
+        # |rgb - grid|^2 expanded: a matrix product, not a (B, pixels, colours, 3) tensor (half the time)
+        distance = (rgb * rgb).sum(2, keepdim=True) - 2 * rgb @ self.grid.T + (self.grid * self.grid).sum(1)
         share = torch.einsum("bp,bpk->bk", weights, (-distance / (2 * SIGMA**2)).softmax(2))
         mean_colour = torch.einsum("bp,bpc->bc", weights, rgb)
         return torch.cat([share, mean_colour, area / rgb.shape[1]], 1)
