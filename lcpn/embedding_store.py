@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,9 @@ class EmbeddingStore:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
 
     def add(self, ids: Sequence[str], features: np.ndarray) -> None:
         """Write one shard holding ``features`` (a row per id) and make its rows available."""

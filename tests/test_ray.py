@@ -1,12 +1,12 @@
 """``lcpn train --ray`` on a local Ray cluster of 2 CPUs: the same models as a sequential run."""
 
 import contextlib
-import io
 import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import ray.cloudpickle
@@ -75,15 +75,8 @@ def runs(split, cluster, tmp_path_factory):
     lost.parent.mkdir(parents=True)
     lost.write_text(json.dumps({"pid": 4242, "host": "machine-that-left", "since": "2024-01-01 10:00:00",
                                 "machine": "f" * 56}))  # fmt: skip
-    printed = io.StringIO()
-    per_actor = ray_engine.EMBED_PER_ACTOR
-    ray_engine.EMBED_PER_ACTOR = 8  # the fixture's few images still make two actors' batches
-    try:
-        with contextlib.redirect_stdout(printed):
-            statuses = {r.status for r in train_on_ray(split, tmp / "ray", features_config(tmp / "cache-ray"))}
-    finally:
-        ray_engine.EMBED_PER_ACTOR = per_actor
-    return tmp, statuses, printed.getvalue()
+    statuses = {r.status for r in train_on_ray(split, tmp / "ray", features_config(tmp / "cache-ray"))}
+    return tmp, statuses
 
 
 def node_folders(split: Path, models: Path) -> list[Path]:
@@ -114,16 +107,15 @@ def predictions(split: Path, models: Path) -> str:
 
 
 def test_ray_trains_the_same_models_and_predictions_as_a_sequential_run(runs, split):
-    tmp, statuses, printed = runs
+    tmp, statuses = runs
     assert statuses == {"trained", "constant"}
-    assert "on 2 CPU worker(s)" in printed  # the embedding pass was sharded over two actors
     assert_same_models(split, tmp / "sequential", tmp / "ray")
     assert predictions(split, tmp / "ray") == predictions(split, tmp / "sequential")
     assert any((tmp / "cache-ray").rglob("shard-*.json"))  # the Ray Data pass filled its own store
 
 
 def test_a_node_whose_worker_died_was_retried_and_finished(runs, cluster):
-    tmp, _, _ = runs
+    tmp, _ = runs
     assert not cluster.exists() and cluster.with_name("armed.fired").exists()  # a worker did die mid-node
     leftovers = [p for p in (tmp / "ray").rglob(".*") if p.name == ".train.lock" or p.name.endswith(".tmp")]
     assert leftovers == []  # the retry took over the dead worker's lock and removed its staging folder
@@ -131,7 +123,7 @@ def test_a_node_whose_worker_died_was_retried_and_finished(runs, cluster):
 
 
 def test_the_command_line_on_ray_does_not_train_finished_nodes_again(runs, split):
-    tmp, _, _ = runs
+    tmp, _ = runs
     trained = [f / "node.json" for f in node_folders(split, tmp / "ray") if artefacts.read_info(f).kind != "constant"]
     before = {p: p.stat().st_mtime_ns for p in trained}
     shards = sorted((tmp / "cache-ray").rglob("shard-*"))
@@ -143,6 +135,30 @@ def test_the_command_line_on_ray_does_not_train_finished_nodes_again(runs, split
     assert result.output.count("already trained, skipped") == len(trained) and "(0 trained now)" in result.output
     assert {p: p.stat().st_mtime_ns for p in trained} == before
     assert sorted((tmp / "cache-ray").rglob("shard-*")) == shards  # no embedding pass either
+
+
+def test_the_embedding_pass_shards_over_two_actors_and_fills_the_sequential_runs_store(
+    runs, split, tmp_path, monkeypatch, capsys
+):
+    from lcpn.embedding_store import EmbeddingStore
+    from lcpn.features import open_backbone
+    from lcpn.runner import load_nodes
+    from lcpn.train import plan_training
+
+    tmp, _ = runs
+    monkeypatch.setattr(ray_engine, "EMBED_PER_ACTOR", 8)  # the fixture's few images make two actors' batches
+    config = features_config(tmp_path / "cache")
+    plan = plan_training(split.resolve(), (tmp_path / "models").resolve(), config, (), None)
+    plan.write_index()
+    todo = [d for d in load_nodes(plan.split_dir, plan.tree, plan.chosen, plan.attributes) if len(d.classes) > 1]
+    ray_engine.embed_on_cluster(plan, plan.config, todo)
+    assert "on 2 CPU worker(s)" in capsys.readouterr().out
+    key = open_backbone(config)[1]
+    sharded, sequential = EmbeddingStore(tmp_path / "cache", key), EmbeddingStore(tmp / "cache-sequential", key)
+    assert len(list(sharded.folder.glob("shard-*.json"))) >= 2  # each actor added its own shard
+    assert set(sharded) == set(sequential) and len(sharded) > 0
+    for row in sequential:  # other batches than the sequential run's: equal up to float rounding
+        assert np.allclose(sharded[row], sequential[row], rtol=1e-4, atol=1e-5), row
 
 
 def test_a_worker_that_cannot_see_the_split_stops_the_run(cluster, tmp_path):
