@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -273,3 +274,32 @@ def test_the_onnx_export_predicts_the_attributes_as_torch_does(featured, split, 
         for name in want:
             assert got[name]["label"] == want[name]["label"]
             assert got[name]["confidence"] == pytest.approx(want[name]["confidence"], abs=1e-4)
+
+
+def test_serve_answers_the_attributes_and_its_page_shows_them(featured, split):
+    import httpx
+    from browser import classify_in_page, launch, live_server
+    from playwright.sync_api import expect, sync_playwright
+
+    from lcpn.serve import create_app
+
+    images = [Path(r["path"]) for r in read_csv(split / "test.csv")[:2]]
+    with live_server(create_app(featured, device="cpu")) as url, sync_playwright() as playwright:
+        model = httpx.get(f"{url}/v1/model", timeout=60).json()
+        assert [a["name"] for a in model["attributes"]] == ["gender", "colour"]
+        files = [("files", (p.name, p.read_bytes())) for p in images]
+        answered = httpx.post(f"{url}/v1/predict", files=files, timeout=120).json()["predictions"]
+        assert [a["attributes"] for a in answered] == [p.attributes for p in Cascade.load(featured, "cpu").predict(
+            [str(p) for p in images])]  # fmt: skip
+        browser = launch(playwright)
+        page = browser.new_page()
+        classify_in_page(page, url, images)
+        expect(page.locator("#model-summary")).to_contain_text("attributes: gender, colour")
+        for answer in answered:
+            card = page.locator(f'.card[data-file="{Path(answer["image"]).name}"]')
+            gender = answer["attributes"]["gender"]
+            expect(card.locator('[data-attribute="gender"]')).to_have_text(
+                f"gender: {gender['label']} ({100 * gender['confidence']:.1f}%)"
+            )
+            expect(card.locator('[data-attribute="colour"]')).to_contain_text(answer["attributes"]["colour"]["label"])
+        browser.close()

@@ -192,8 +192,8 @@ def stage_record(stage: Stage) -> dict:
 
 def describe_models(models: Path, cascade: Cascade) -> dict:
     """The tree as nested nodes (val accuracy and per-class val counts on parents), the training
-    mode, backbone and image size, and the versions the models were trained and are served with.
-    An export folder has no per-node reports: its nodes carry no val figures."""
+    mode, backbone and image size, the attributes and their values, and the versions the models
+    were trained and are served with. An export folder has no per-node reports: its nodes carry no val figures."""
     tree = cascade.tree
     manifest = models / MANIFEST
     infos = {} if manifest.is_file() else {n: artefacts.read_info(models / tree.folders[n]) for n in tree.parents}
@@ -231,5 +231,6 @@ def describe_models(models: Path, cascade: Cascade) -> dict:
     return {
         "tree": describe(ROOT), "depth": tree.max_depth, "parents": len(tree.parents), "leaves": len(tree.leaves),
         "mode": settings["mode"], "backbone": settings["backbone"], "image_size": settings["image_size"],
+        "attributes": [{"name": name, "values": list(a.spec.values)} for name, a in cascade.attributes.items()],
         "versions": {"trained_with": settings["trained_with"], "serving": versions()},
     }  # fmt: skip

@@ -136,6 +136,11 @@ function showPrediction(card, prediction) {
       el("span", { class: "num", text: percent(p) })));
   });
   const parts = [levels];
+  if (prediction.attributes) {  // product attributes (gender, colour, ...) beside the path
+    parts.push(el("ul", { class: "attributes", "aria-label": "Attributes" },
+      ...Object.entries(prediction.attributes).map(([name, a]) => el("li", { "data-attribute": name },
+        el("span", { class: "name", text: `${name}: ` }), `${a.label} (${percent(a.confidence)})`))));
+  }
   if (prediction.stopped_early) parts.push(el("p", { class: "muted", text: "Stopped early: unsure below this level." }));
   if (prediction.top_k.length > 1) {
     parts.push(el("ol", { class: "topk", "aria-label": "Most probable paths" },
@@ -198,7 +203,8 @@ async function loadModel() {
   try {
     const model = await api("/v1/model");
     $("#model-summary").textContent = `${model.mode} mode, ${model.backbone} at ${model.image_size} px · `
-      + `${model.leaves} classes in ${model.depth} levels · ${model.parents} parent nodes`;
+      + `${model.leaves} classes in ${model.depth} levels · ${model.parents} parent nodes`
+      + (model.attributes.length ? ` · attributes: ${model.attributes.map((a) => a.name).join(", ")}` : "");
     $("#tree").replaceChildren(el("div", { class: "tree" }, el("ul", {}, treeNode(model.tree))));
     return model;
   } catch (error) {
