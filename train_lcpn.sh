@@ -49,7 +49,9 @@ for name in json.load(open(sys.argv[1], encoding="utf-8")).get("attributes", {})
     print("attribute:" + name)' "$split/hierarchy.json")
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 gpus=${gpus:-0}
-echo "== Training ${#nodes[@]} parent nodes and attributes into $models (JOBS=$jobs)"
+what="parent nodes"
+[[ " ${nodes[*]} " == *" attribute:"* ]] && what="parent nodes and attributes"
+echo "== Training ${#nodes[@]} $what into $models (JOBS=$jobs)"
 
 train_node() {  # $1: node, or attribute:NAME; $2: slot number
   local env=() what=(--node "$1")
@@ -81,7 +83,7 @@ fi
 echo
 echo "== Per-node summary ($models)"
 "$lcpn" summary --models "$models"
-echo "== $(( ${#nodes[@]} - failed )) of ${#nodes[@]} parent nodes and attributes ready in $models, training took $(( $(date +%s) - train_start )) s"
+echo "== $(( ${#nodes[@]} - failed )) of ${#nodes[@]} $what ready in $models, training took $(( $(date +%s) - train_start )) s"
 if [ "$failed" -ne 0 ]; then echo "train_lcpn.sh: $failed node(s) failed; run it again to resume them" >&2; exit 1; fi
 
 echo
