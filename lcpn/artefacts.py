@@ -190,6 +190,15 @@ def head_in_features(info: NodeInfo) -> int:
     return int(info.head.get("in_features", backbones.spec(info.backbone).feature_dim))
 
 
+def features_head_info(folder: Path) -> NodeInfo | None:
+    """The node.json of a features-mode head in ``folder`` (not a constant node), else None."""
+    try:
+        info = read_info(folder)
+    except ArtefactError:
+        return None
+    return info if info.mode == "features" and info.kind != "constant" else None
+
+
 def reads_colour(info: NodeInfo) -> bool:
     """Whether a features-mode head was trained with the colour histogram in its input (or, for the
     backbone's node.json, whether the backbone computes it)."""

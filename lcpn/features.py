@@ -569,16 +569,18 @@ def _describe(embedding: dict) -> str:
 def kept_heads(out: Path, tree: Hierarchy, retrained: set[str]) -> list[NodeInfo]:
     """The node.json of every features-mode head in ``out`` (nodes and attributes) not in ``retrained``."""
     heads = [out / tree.folders[n] for n in tree.parents] + sorted((out / ATTRIBUTES_FOLDER).glob("*/"))
-    return [info for info in map(_head_info, heads) if info is not None and info.node not in retrained]
+    infos = map(artefacts.features_head_info, heads)
+    return [info for info in infos if info is not None and info.node not in retrained]
 
 
-def refuse_to_replace_a_used_backbone(out: Path, kept: list[NodeInfo], new_info: NodeInfo) -> None:
-    """Stop before ``<out>/backbone/`` changes under the ``kept`` heads that this run leaves in place.
+def refuse_to_replace_a_used_backbone(out: Path, stored: NodeInfo | None, kept: list[NodeInfo], new_info: NodeInfo
+                                      ) -> None:  # fmt: skip
+    """Stop before ``<out>/backbone/`` (``stored``: its node.json) changes under the ``kept`` heads that
+    this run leaves in place.
 
     Every features-mode head reads that one backbone's embeddings; replacing it (``--node b
     --weights other.pth``) would silently change the input of every other node's head.
     """
-    stored = _stored_info(out / "backbone")
     if stored is None:
         return  # none yet, or unreadable: no head can use it
     old, new = _embedding(stored), _embedding(new_info)
@@ -589,15 +591,6 @@ def refuse_to_replace_a_used_backbone(out: Path, kept: list[NodeInfo], new_info:
             f"this run's {_describe(new)} would change their input: retrain every node with --force "
             f"(lcpn train without --node), or train into another --out"
         )
-
-
-def _head_info(folder: Path) -> NodeInfo | None:
-    """The node.json of a features-mode head in ``folder``, else None."""
-    try:
-        info = artefacts.read_info(folder)
-    except artefacts.ArtefactError:
-        return None
-    return info if info.mode == "features" and info.kind != "constant" else None
 
 
 class FeaturesMode:
@@ -632,8 +625,8 @@ class FeaturesMode:
         # The backbone embeds colour for this run's heads only when asked; the stored one also for kept heads.
         colour = backbone.embedder.colour is not None or any(map(artefacts.reads_colour, kept))
         info = backbone_info(backbone, key, colour)
-        refuse_to_replace_a_used_backbone(self.out, kept, info)
         stored = _stored_info(self.out / "backbone")
+        refuse_to_replace_a_used_backbone(self.out, stored, kept, info)
         if stored is None or _embedding(stored) != _embedding(info) or artefacts.reads_colour(stored) != colour:
             save_backbone(self.out / "backbone", backbone, info)
         return backbone, key

@@ -243,7 +243,9 @@ class _Loader:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; choose {', '.join(PRECISIONS)}")
         self.models, self.tree, self.precision = models, tree, precision
-        self.colour_read = any(_reads_colour(models / folder) for folder in heads)
+        # An unreadable node.json counts as no colour here: loading that node will say what is wrong.
+        infos = [artefacts.features_head_info(models / folder) for folder in heads]
+        self.colour_read = any(info is not None and artefacts.reads_colour(info) for info in infos)
         self.device = resolve_device(device)
         self._backbone: SharedBackbone | None = None
         self.priors: dict[str, list[float]] = {}  # of the nodes loaded so far
@@ -295,14 +297,6 @@ class _Loader:
             flips = bool(info.config.get("test_flips", False))  # folders from before test flips have none
             self._backbone = SharedBackbone(info.backbone, embedder, data, self.runtime(info), flips)
         return self._backbone
-
-
-def _reads_colour(folder: Path) -> bool:
-    try:
-        info = artefacts.read_info(folder)
-    except ArtefactError:
-        return False  # loading it will say what is wrong
-    return info.mode == "features" and artefacts.reads_colour(info)
 
 
 def _check_head_fits(title: str, info: NodeInfo, shared: SharedBackbone, skip: int, models: Path) -> None:
