@@ -375,7 +375,7 @@ _batch_option = click.option("--batch-size", type=click.IntRange(min=1),
 _workers_option = click.option(
     "--workers", type=click.IntRange(min=0),
     help="Processes that decode and transform the images while the networks run (0: in this process) "
-    "[default: the CPU cores, at most 4].",
+    "[default: the CPU cores, at most 4, or all but one, at most 16, on a machine with a GPU].",
 )  # fmt: skip
 _runtime_option = click.option(
     "--runtime", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
