@@ -79,7 +79,10 @@ def train_on_ray(
     task_config = plan.config  # workers start in other folders: give them absolute paths
     if task_config.cache:
         task_config = task_config.replace(cache=str(Path(task_config.cache).resolve()))
-        Path(task_config.cache).mkdir(parents=True, exist_ok=True)  # made here, so that every machine can see it
+        try:  # made here, so that every machine can see it
+            Path(task_config.cache).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RayError(f"cannot create the --cache folder '{task_config.cache}' ({exc.strerror})") from None
     started = not ray.is_initialized()
     if started:
         _connect(ray, address)

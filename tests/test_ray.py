@@ -162,6 +162,12 @@ def test_the_embedding_pass_shards_over_two_actors_and_fills_the_sequential_runs
         assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), (row, np.abs(a - b).max())
 
 
+def test_a_cache_that_cannot_be_created_stops_the_run_in_one_sentence(cluster, split, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(RayError, match="cannot create the --cache folder .*file/cache"):
+        train_on_ray(split, tmp_path / "models", features_config(tmp_path / "file" / "cache"))
+
+
 def test_a_worker_that_cannot_see_the_split_stops_the_run(cluster, tmp_path):
     with pytest.raises(RayError, match="cannot see .*missing.*shared file system"):
         require_visible([tmp_path / "missing"])
