@@ -206,7 +206,7 @@ def finetune_models(split: Path, work: Path, tree: Hierarchy, backbone: str, per
     sliced = work / f"{split.name}-slice-{backbone}"
     sliced_split(split, sliced, tree, per_node)
     models = split.with_name(f"{split.name}-finetune-{backbone}")
-    results = train_nodes(sliced, models, config, force=True)
+    results = train_nodes(sliced, models, config, force=True, attributes=[])  # the slice has no attribute manifests
     trained = [r for r in results if r.info.history]
     images = sum(len(fsio.read_csv(sliced / tree.folders[r.node] / "train.csv")) for r in trained)
     return FinetuneRun(models, sum(r.info.history[0]["seconds"] for r in trained) / images)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from lcpn.cascade import Cascade
 from lcpn.cli import main
 from lcpn.config import TrainConfig
 from lcpn.fsio import read_csv
+from lcpn.hierarchy import Hierarchy
 from lcpn.prepare import prepare
 from lcpn.report import REPORT_FILES
 from lcpn.sources import scan_tree, with_attributes
@@ -303,3 +305,17 @@ def test_serve_answers_the_attributes_and_its_page_shows_them(featured, split):
             )
             expect(card.locator('[data-attribute="colour"]')).to_contain_text(answer["attributes"]["colour"]["label"])
         browser.close()
+
+
+def test_the_benchmarks_finetune_slice_of_a_split_with_attributes_trains_the_nodes_alone(split, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    try:
+        import benchmark
+    finally:
+        sys.path.pop(0)
+    config = TrainConfig(backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
+    tree = Hierarchy.load(split / "hierarchy.json")
+    run_ = benchmark.finetune_models(split, tmp_path, tree, "efficientnet-lite0", 4, config)
+    assert run_.seconds_per_image > 0
+    assert {p.name for p in run_.models.iterdir()} >= {"a", "parent"}
+    assert not (run_.models / "attributes").exists()  # the slice copies the tree's manifests only
