@@ -11,7 +11,10 @@ plus two that only this script reads (a recipe without options is ``lcpn train -
 - ``backbone=A+B`` concatenates two backbones' embeddings (each embedded once, in its own store);
 - ``adapt_priors=true`` re-estimates each node's class mix on the evaluated set (``lcpn.label_shift``);
 - ``balance=TAU`` (0 to 1) divides each node's probabilities by its training class frequencies to
-  the power TAU (logit adjustment, Menon et al. 2021; 1 treats every class as equally likely).
+  the power TAU (logit adjustment, Menon et al. 2021; 1 treats every class as equally likely);
+- ``proto=W`` (0 to 1) mixes each node's probabilities with those of a nearest-class-mean classifier
+  (cosine to each class's mean standardised embedding) at weight W; ``proto_val=true`` chooses W per
+  node by val log-loss.
 
 ``colour_features=true`` puts ``lcpn.colour``'s histogram first, as ``lcpn train`` does (its own store
 beside the backbone's, so the backbone does not run again). ``square=letterbox`` or ``square=crop``
@@ -23,7 +26,8 @@ and OOD images their mirror image too, for test flips). Each node's head is fitt
 ``features.fit_head``, and the path is decoded with the cascade's best-path decoder, so a row here is
 what ``lcpn train`` + ``lcpn evaluate`` would give with those options, without writing model folders
 or embedding the evaluation images again for every recipe. Embedding is always done with two stage
-features (the default) and sliced, since the smaller embeddings are its last dimensions.
+features (the default) and sliced, since the smaller embeddings are its last dimensions; it runs in
+the recipe's precision (``precision=bf16`` reads and fills the store of ``lcpn train --precision bf16``).
 
 One JSON line per recipe goes to ``--out`` (appended): path accuracy, correct images and the most
 frequent OOD mistakes; a table of every recipe run is printed at the end. With ``--attributes`` each
@@ -61,7 +65,14 @@ from lcpn.report import format_table
 from lcpn.sources import with_attributes
 
 EMBED_STAGES = 2  # embed once with the default stage features; fewer are the embedding's last dimensions
-SCRIPT_KEYS = {"adapt_priors": click.BOOL, "balance": click.FloatRange(0, 1)}
+SCRIPT_KEYS = {
+    "adapt_priors": click.BOOL,
+    "balance": click.FloatRange(0, 1),
+    "proto": click.FloatRange(0, 1),
+    "proto_val": click.BOOL,
+}
+PROTO_SCALES = (5.0, 10.0, 20.0, 40.0)  # cosine-logit scales of the prototypes, chosen by their val log-loss
+PROTO_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # proto_val=true: the mixing weight chosen per node on val
 
 
 def log(msg: str) -> None:
@@ -103,7 +114,7 @@ def evaluation_items(split: Path, ood: Path | None, levels: str | None, tree: Hi
 def embeddings(split: Path, cache: Path, backbone: str, config: TrainConfig, evaluated: list[str]) -> tuple:
     """{path: (views, dim)} for every split image and ``evaluated`` path (those with their mirror image),
     and the widths of the embedding's colour histogram and stage features."""
-    config = dataclasses.replace(config, backbone=backbone, stage_features=EMBED_STAGES, precision="fp32")
+    config = dataclasses.replace(config, backbone=backbone, stage_features=EMBED_STAGES)
     rows = fsio.read_csv(split / "images.csv")
     views = {r["path"]: config.views if r["split"] == "train" else 1 for r in rows}
     views |= {p: max(2, views.get(p, 1)) for p in evaluated}
@@ -147,7 +158,7 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
     evaluated = [it.path for items in sets.values() for it in items]
     parts = []
     for backbone in config.backbone.split("+"):
-        ident = (backbone, config.square, config.views, config.colour_features)
+        ident = (backbone, config.square, config.views, config.colour_features, config.precision)
         if ident not in store:
             store[ident] = embeddings(args.split, args.cache, backbone, config, evaluated)
         feats, widths = store[ident]
@@ -162,6 +173,10 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
         if len(data.classes) == 1:
             continue
         heads[node], prior = fit(data, feats, config, dim)
+        if extras.get("proto"):
+            heads[node] = Blend(heads[node], prototypes(data, feats, heads[node][0]), extras["proto"])
+        elif extras.get("proto_val"):
+            heads[node] = blend_chosen_on_val(data, feats, heads[node])
         if extras.get("adapt_priors"):
             priors[node] = prior  # the one lcpn records in node.json
         if extras.get("balance"):
@@ -188,6 +203,58 @@ def fit(data: NodeData, feats: dict, config: TrainConfig, dim: int) -> tuple[tor
     stub = NodeInfo(node=data.node, classes=data.classes, mode="features", head=head_spec(config, dim))
     head, outcome, _ = fit_head(data, feats, stub, config)
     return head, outcome.prior
+
+
+class Prototypes(torch.nn.Module):
+    """Nearest class mean by cosine on standardised embeddings (SimpleShot, Wang et al. 2019): a class
+    of three images is judged by its images alone, with no prior learned from the class counts."""
+
+    def __init__(self, standardize: torch.nn.Module, centroids: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.standardize, self.centroids, self.scale = standardize, centroids, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.nn.functional.normalize(self.standardize(x), dim=1) @ self.centroids.T
+
+
+class Blend(torch.nn.Module):
+    """Log of ``(1 - w) * p_head + w * p_prototypes`` (``probabilities`` takes its softmax)."""
+
+    def __init__(self, head: torch.nn.Module, prototypes: Prototypes, weight: float) -> None:
+        super().__init__()
+        self.head, self.prototypes, self.weight = head, prototypes, weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = (1 - self.weight) * self.head(x).softmax(1) + self.weight * self.prototypes(x).softmax(1)
+        return p.clamp(min=1e-12).log()
+
+
+def val_set(data: NodeData, feats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    val = data.val or data.train
+    return torch.stack([feats[p][0] for p, _ in val]).float(), torch.tensor([c for _, c in val])
+
+
+def prototypes(data: NodeData, feats: dict, standardize: torch.nn.Module) -> Prototypes:
+    """A node's class centroids (every view of its train images) and the scale with the lowest val log-loss."""
+    xv, yv = val_set(data, feats)
+    with torch.no_grad():
+        x = torch.cat([feats[p] for p, _ in data.train]).float()
+        y = torch.cat([torch.full((len(feats[p]),), c) for p, c in data.train])
+        unit = torch.nn.functional.normalize(standardize(x), dim=1)
+        centroids = torch.stack([unit[y == c].mean(0) for c in range(len(data.classes))])
+        centroids = torch.nn.functional.normalize(centroids, dim=1)
+        losses = {s: torch.nn.functional.cross_entropy(Prototypes(standardize, centroids, s)(xv), yv).item()
+                  for s in PROTO_SCALES}  # fmt: skip
+    return Prototypes(standardize, centroids, min(losses, key=losses.get))
+
+
+def blend_chosen_on_val(data: NodeData, feats: dict, head: torch.nn.Module) -> Blend:
+    """``Blend`` with the weight whose mixture has the lowest val log-loss."""
+    protos = prototypes(data, feats, head[0])
+    xv, yv = val_set(data, feats)
+    with torch.no_grad():
+        losses = {w: torch.nn.functional.nll_loss(Blend(head, protos, w)(xv), yv).item() for w in PROTO_WEIGHTS}
+    return Blend(head, protos, min(losses, key=losses.get))
 
 
 def score_attributes(split: Path, feats: dict, config: TrainConfig, dim: int, sets: dict) -> dict:
