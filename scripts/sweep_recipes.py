@@ -6,7 +6,7 @@
         --out sweep.jsonl
 
 A recipe is a name and ``KEY=VALUE`` training options (those of ``lcpn train``, checked the same way),
-plus two that only this script reads (a recipe without options is ``lcpn train --mode features``'s default):
+plus those that only this script reads (a recipe without options is ``lcpn train --mode features``'s default):
 
 - ``backbone=A+B`` concatenates two backbones' embeddings (each embedded once, in its own store);
 - ``adapt_priors=true`` re-estimates each node's class mix on the evaluated set (``lcpn.label_shift``);
@@ -14,7 +14,7 @@ plus two that only this script reads (a recipe without options is ``lcpn train -
   the power TAU (logit adjustment, Menon et al. 2021; 1 treats every class as equally likely);
 - ``proto=W`` (0 to 1) mixes each node's probabilities with those of a nearest-class-mean classifier
   (cosine to each class's mean standardised embedding) at weight W; ``proto_val=true`` chooses W per
-  node by val log-loss.
+  node by val log-loss (the tree's nodes only, not the attributes).
 
 ``colour_features=true`` puts ``lcpn.colour``'s histogram first, as ``lcpn train`` does (its own store
 beside the backbone's, so the backbone does not run again). ``square=letterbox`` or ``square=crop``
@@ -230,7 +230,7 @@ class Blend(torch.nn.Module):
 
 
 def val_set(data: NodeData, feats: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    val = data.val or data.train
+    val = [(p, c) for p, c in data.val or data.train if p in feats]
     return torch.stack([feats[p][0] for p, _ in val]).float(), torch.tensor([c for _, c in val])
 
 
@@ -238,8 +238,9 @@ def prototypes(data: NodeData, feats: dict, standardize: torch.nn.Module) -> Pro
     """A node's class centroids (every view of its train images) and the scale with the lowest val log-loss."""
     xv, yv = val_set(data, feats)
     with torch.no_grad():
-        x = torch.cat([feats[p] for p, _ in data.train]).float()
-        y = torch.cat([torch.full((len(feats[p]),), c) for p, c in data.train])
+        train = [(feats[p], c) for p, c in data.train if p in feats]  # unreadable files have no embedding
+        x = torch.cat([f for f, _ in train]).float()
+        y = torch.cat([torch.full((len(f),), c) for f, c in train])
         unit = torch.nn.functional.normalize(standardize(x), dim=1)
         centroids = torch.stack([unit[y == c].mean(0) for c in range(len(data.classes))])
         centroids = torch.nn.functional.normalize(centroids, dim=1)
