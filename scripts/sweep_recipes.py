@@ -57,7 +57,7 @@ from lcpn.cascade import best_first
 from lcpn.config import OPTIONS, TrainConfig
 from lcpn.embedding_store import EmbeddingStore
 from lcpn.evaluate import split_test_items
-from lcpn.features import embed_images, fit_head, head_spec, open_backbone
+from lcpn.features import HeadData, embed_images, fit_head, head_spec, open_backbone
 from lcpn.hierarchy import Hierarchy
 from lcpn.label_shift import adapt_tree
 from lcpn.nodes import NodeData, load_attribute_data, load_node_data
@@ -173,10 +173,8 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
         if len(data.classes) == 1:
             continue
         heads[node], prior = fit(data, feats, config, dim)
-        if extras.get("proto"):
-            heads[node] = Blend(heads[node], prototypes(data, feats, heads[node][0]), extras["proto"])
-        elif extras.get("proto_val"):
-            heads[node] = blend_chosen_on_val(data, feats, heads[node])
+        if extras.get("proto") or extras.get("proto_val"):
+            heads[node] = blend(data, feats, heads[node], extras.get("proto") or None)
         if extras.get("adapt_priors"):
             priors[node] = prior  # the one lcpn records in node.json
         if extras.get("balance"):
@@ -229,33 +227,28 @@ class Blend(torch.nn.Module):
         return p.clamp(min=1e-12).log()
 
 
-def val_set(data: NodeData, feats: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    val = [(p, c) for p, c in data.val or data.train if p in feats]
-    return torch.stack([feats[p][0] for p, _ in val]).float(), torch.tensor([c for _, c in val])
-
-
-def prototypes(data: NodeData, feats: dict, standardize: torch.nn.Module) -> Prototypes:
+def prototypes(hd: HeadData, n_classes: int, standardize: torch.nn.Module) -> Prototypes:
     """A node's class centroids (every view of its train images) and the scale with the lowest val log-loss."""
-    xv, yv = val_set(data, feats)
     with torch.no_grad():
-        train = [(feats[p], c) for p, c in data.train if p in feats]  # unreadable files have no embedding
-        x = torch.cat([f for f, _ in train]).float()
-        y = torch.cat([torch.full((len(f),), c) for f, c in train])
-        unit = torch.nn.functional.normalize(standardize(x), dim=1)
-        centroids = torch.stack([unit[y == c].mean(0) for c in range(len(data.classes))])
+        unit = torch.nn.functional.normalize(standardize(hd.x_train), dim=1)
+        centroids = torch.stack([unit[hd.y_train == c].mean(0) for c in range(n_classes)])
         centroids = torch.nn.functional.normalize(centroids, dim=1)
-        losses = {s: torch.nn.functional.cross_entropy(Prototypes(standardize, centroids, s)(xv), yv).item()
+        losses = {s: torch.nn.functional.cross_entropy(Prototypes(standardize, centroids, s)(hd.x_val), hd.y_val).item()
                   for s in PROTO_SCALES}  # fmt: skip
     return Prototypes(standardize, centroids, min(losses, key=losses.get))
 
 
-def blend_chosen_on_val(data: NodeData, feats: dict, head: torch.nn.Module) -> Blend:
-    """``Blend`` with the weight whose mixture has the lowest val log-loss."""
-    protos = prototypes(data, feats, head[0])
-    xv, yv = val_set(data, feats)
-    with torch.no_grad():
-        losses = {w: torch.nn.functional.nll_loss(Blend(head, protos, w)(xv), yv).item() for w in PROTO_WEIGHTS}
-    return Blend(head, protos, min(losses, key=losses.get))
+def blend(data: NodeData, feats: dict, head: torch.nn.Module, weight: float | None) -> Blend:
+    """``Blend`` of a node's head with its prototypes at ``weight``, or (None) at the weight whose
+    mixture has the lowest val log-loss."""
+    hd = HeadData.gather(data, feats)  # the train and val embeddings fit_head read
+    protos = prototypes(hd, len(data.classes), head[0])
+    if weight is None:
+        with torch.no_grad():
+            losses = {w: torch.nn.functional.nll_loss(Blend(head, protos, w)(hd.x_val), hd.y_val).item()
+                      for w in PROTO_WEIGHTS}  # fmt: skip
+        weight = min(losses, key=losses.get)
+    return Blend(head, protos, weight)
 
 
 def score_attributes(split: Path, feats: dict, config: TrainConfig, dim: int, sets: dict) -> dict:
