@@ -6,10 +6,15 @@
 
 Writes ``OUT/split/``: a one-level tree of the node's children whose root has the node's train
 and val images, at most ``--train-per-class`` / ``--val-per-class`` per class (a seeded random
-sample), and ``OUT/test.csv``: the split's test images below the node, labelled by the node's
-child (``lcpn evaluate --csv OUT/test.csv --levels label``). A model trained on ``OUT/split``
-then scores the node's accuracy given the true parent; on an out-of-distribution folder tree,
-evaluate ``<ood>/<node>`` the same way (docs/benchmarks.md has the commands).
+sample), with an ``images.csv`` of that sample so that ``lcpn evaluate`` checks its images against
+them; and ``OUT/test.csv``: the split's test images below the node, labelled by the node's child.
+Its paths are the split's absolute ones, so it is read with ``--image-root /``::
+
+    lcpn evaluate --models MODELS --csv OUT/test.csv --levels label --image-root /
+
+A model trained on ``OUT/split`` then scores the node's accuracy given the true parent; on an
+out-of-distribution folder tree, evaluate ``<ood>/<node>`` the same way (docs/benchmarks.md has the
+commands).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from lcpn import fsio
 from lcpn.hierarchy import Hierarchy, names_of
 
 COLUMNS = ("path", "sha256", "label")
+IMAGES_COLUMNS = ("path", "sha256", "leaf", "split", "phash")  # what lcpn's overlap check reads
 
 
 def sample_per_class(rows: list[dict], limit: int, rng: random.Random) -> list[dict]:
@@ -41,12 +47,15 @@ def write_subset(split: Path, node: str, out: Path, train_per_class: int, val_pe
     children = [names_of(c)[-1] for c in tree.children[node]]
     sub = Hierarchy.from_leaves(children)
     fsio.write_json(out / "split" / "hierarchy.json", sub.to_dict())
-    rng, counts = random.Random(seed), {}
+    phash = {r["path"]: r.get("phash", "") for r in fsio.read_csv(split / "images.csv")}
+    rng, counts, seen = random.Random(seed), {}, []
     for name, limit in (("train", train_per_class), ("val", val_per_class)):
         rows = sample_per_class(fsio.read_csv(split / tree.folders[node] / f"{name}.csv"), limit, rng)
         manifest = out / "split" / sub.folders[""] / f"{name}.csv"
         fsio.write_csv(manifest, COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
+        seen += [[r["path"], r["sha256"], r["label"], name, phash.get(r["path"], "")] for r in rows]
         counts[name] = len(rows)
+    fsio.write_csv(out / "split" / "images.csv", IMAGES_COLUMNS, seen)
     prefix = node + "/"
     test = [(r["path"], r["label_path"][len(prefix) :].split("/")[0])
             for r in fsio.read_csv(split / "test.csv") if r["label_path"].startswith(prefix)]  # fmt: skip
