@@ -12,6 +12,10 @@ plus those that only this script reads (a recipe without options is ``lcpn train
 - ``adapt_priors=true`` re-estimates each node's class mix on the evaluated set (``lcpn.label_shift``);
 - ``balance=TAU`` (0 to 1) divides each node's probabilities by its training class frequencies to
   the power TAU (logit adjustment, Menon et al. 2021; 1 treats every class as equally likely);
+- ``crop_scale=LO`` and ``crop_ratio=R`` widen the random crops that make training views 3 and up
+  (``views=3`` or more): from LO of the eval square's area instead of 80%, and aspect ratios from R to
+  1/R instead of 0.9 to 1/0.9 (lcpn's own ``transforms.TRAIN_CROP_SCALE`` / ``TRAIN_CROP_RATIO``,
+  changed for this recipe's embedding pass; the store keeps those views apart by their transform);
 - ``proto=W`` (0 to 1) mixes each node's probabilities with those of a nearest-class-mean classifier
   (cosine to each class's mean standardised embedding) at weight W; ``proto_val=true`` chooses W per
   node by val log-loss (the tree's nodes only, not the attributes).
@@ -44,13 +48,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import click
 import torch
 from benchmark import DEFAULT_OOD, ood_items  # scripts/ is on the path when a script runs
 from PIL import Image
 
-from lcpn import fsio
+from lcpn import fsio, transforms
 from lcpn.artefacts import NodeInfo
 from lcpn.attributes import read_specs
 from lcpn.cascade import best_first
@@ -68,6 +73,8 @@ EMBED_STAGES = 2  # embed once with the default stage features; fewer are the em
 SCRIPT_KEYS = {
     "adapt_priors": click.BOOL,
     "balance": click.FloatRange(0, 1),
+    "crop_scale": click.FloatRange(0, 1, min_open=True),
+    "crop_ratio": click.FloatRange(0, 1, min_open=True),
     "proto": click.FloatRange(0, 1),
     "proto_val": click.BOOL,
 }
@@ -156,11 +163,15 @@ def select(feats: dict, dims: tuple[int, list[int]], stages: int) -> dict:
 def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, sets: dict, store: dict) -> dict:
     config = TrainConfig(**{"mode": "features", "device": "cpu", **options}).resolved()
     evaluated = [it.path for items in sets.values() for it in items]
+    if ("crop_scale" in extras or "crop_ratio" in extras) and config.views < 3:
+        raise SystemExit(f"recipe '{name}': crop_scale and crop_ratio shape training views 3 and up: add views=3")
     parts = []
     for backbone in config.backbone.split("+"):
-        ident = (backbone, config.square, config.views, config.colour_features, config.precision)
+        crops = crop_settings(extras)
+        ident = (backbone, config.square, config.views, config.colour_features, config.precision, crops)
         if ident not in store:
-            store[ident] = embeddings(args.split, args.cache, backbone, config, evaluated)
+            with mock.patch.multiple(transforms, TRAIN_CROP_SCALE=crops[0], TRAIN_CROP_RATIO=crops[1]):
+                store[ident] = embeddings(args.split, args.cache, backbone, config, evaluated)
         feats, widths = store[ident]
         parts.append(select(feats, widths, config.stage_features))
     feats = {p: torch.cat([part[p] for part in parts], 1) for p in parts[0]}
@@ -194,6 +205,13 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
     if args.attributes:
         row["attributes"] = score_attributes(args.split, feats, config, dim, sets)
     return row
+
+
+def crop_settings(extras: dict) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The (scale, ratio) ranges of the training crops: lcpn's own unless the recipe widens them."""
+    scale = (extras["crop_scale"], 1.0) if "crop_scale" in extras else transforms.TRAIN_CROP_SCALE
+    ratio = (extras["crop_ratio"], 1 / extras["crop_ratio"]) if "crop_ratio" in extras else transforms.TRAIN_CROP_RATIO
+    return scale, ratio
 
 
 def fit(data: NodeData, feats: dict, config: TrainConfig, dim: int) -> tuple[torch.nn.Module, list[float]]:
