@@ -165,9 +165,8 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
     evaluated = [it.path for items in sets.values() for it in items]
     if ("crop_scale" in extras or "crop_ratio" in extras) and config.views < 3:
         raise SystemExit(f"recipe '{name}': crop_scale and crop_ratio shape training views 3 and up: add views=3")
-    parts = []
+    parts, crops = [], crop_settings(extras)
     for backbone in config.backbone.split("+"):
-        crops = crop_settings(extras)
         ident = (backbone, config.square, config.views, config.colour_features, config.precision, crops)
         if ident not in store:
             with mock.patch.multiple(transforms, TRAIN_CROP_SCALE=crops[0], TRAIN_CROP_RATIO=crops[1]):

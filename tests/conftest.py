@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 from PIL import Image
 
 _counter = itertools.count()
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def import_script(name: str) -> ModuleType:
+    """A module of scripts/, imported as its scripts import each other (scripts/ first on the path)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def write_image(path: Path, colour: tuple[int, int, int] | None = None, size: int = 8) -> Path:

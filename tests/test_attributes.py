@@ -2,12 +2,11 @@
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import FAST, write_image
+from conftest import FAST, import_script, write_image
 
 from lcpn import artefacts
 from lcpn.cascade import Cascade
@@ -308,11 +307,7 @@ def test_serve_answers_the_attributes_and_its_page_shows_them(featured, split):
 
 
 def test_the_benchmarks_finetune_slice_of_a_split_with_attributes_trains_the_nodes_alone(split, tmp_path):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    try:
-        import benchmark
-    finally:
-        sys.path.pop(0)
+    benchmark = import_script("benchmark")
     config = TrainConfig(backbone="efficientnet-lite0", image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
     tree = Hierarchy.load(split / "hierarchy.json")
     run_ = benchmark.finetune_models(split, tmp_path, tree, "efficientnet-lite0", 4, config)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import import_script
 
 from lcpn import fsio
 from lcpn.hierarchy import Hierarchy
@@ -15,12 +13,7 @@ from lcpn.sources import SourceError, scan_csv
 
 @pytest.fixture(scope="module")
 def finetune_subset():
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    try:
-        import finetune_subset
-    finally:
-        sys.path.pop(0)
-    return finetune_subset
+    return import_script("finetune_subset")
 
 
 def test_the_subset_records_its_sampled_images_for_the_overlap_check(finetune_subset, split, tmp_path):
