@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, fsio
 from .attributes import AttributeSpec, make_specs
-from .duplicates import NEAR_DUPLICATE_BITS, perceptual_hash
+from .duplicates import NEAR_DUPLICATE_BITS, THUMBNAIL_MAX_DIFFERENCE, perceptual_hash, thumbnail
 from .errors import LcpnError
 from .hierarchy import Hierarchy, names_of
 from .images import ImageError, open_rgb, read_file
@@ -71,7 +71,8 @@ def inspect(items: list[LabelledImage], workers: int | None = None) -> tuple[lis
             picture = open_rgb(data)
         except ImageError as exc:
             return Excluded(item.path, str(exc))
-        return Image(item.path, item.leaf, hashlib.sha256(data).hexdigest(), perceptual_hash(picture), item.attributes)
+        sha256 = hashlib.sha256(data).hexdigest()
+        return Image(item.path, item.leaf, sha256, perceptual_hash(picture), item.attributes, thumbnail(picture))
 
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     good: list[Image] = []
@@ -243,6 +244,7 @@ def _summary(result: SplitResult, excluded: list[Excluded], node_counts: dict, s
         "duplicate_groups": result.duplicate_groups,
         "conflicting_duplicates": result.conflicting_duplicates,
         "near_duplicate_max_bits": NEAR_DUPLICATE_BITS,
+        "near_duplicate_max_thumbnail_difference": THUMBNAIL_MAX_DIFFERENCE,
         "near_duplicate_groups": result.near_duplicate_groups,
         "conflicting_near_duplicates": result.conflicting_near_duplicates,
     }
@@ -297,7 +299,8 @@ def format_summary(summary: dict, tree: Hierarchy, out: Path, show: int = 10) ->
     )
     listing(
         f"Groups of near-identical pictures (perceptual hashes at most {summary['near_duplicate_max_bits']} of 64 "
-        "bits apart; each kept on one side of the split)",
+        "bits apart and colour thumbnails within "
+        f"{summary['near_duplicate_max_thumbnail_difference']} of 255; each kept on one side of the split)",
         [" ~ ".join(Path(p).name for p in g) for g in summary["near_duplicate_groups"]],
     )
     listing(

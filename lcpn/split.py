@@ -3,13 +3,15 @@
 The split is made once, stratified by leaf. Every parent node's train/val set is the part of that
 one split below the node, relabelled with the node's child on the path. So an image used to train
 any node is never in the end-to-end test set. Byte-identical files and near-identical pictures
-(perceptual hashes within ``duplicates.NEAR_DUPLICATE_BITS``, taken transitively: a chain of near
-copies is one group) form one group that lands on one side. Leaves too small to split stay in
+(perceptual hashes within ``duplicates.NEAR_DUPLICATE_BITS`` and colour thumbnails that agree,
+``duplicates.same_pictures``; taken transitively: a chain of near copies is one group) form one
+group that lands on one side. Leaves too small to split stay in
 train and are reported.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -19,7 +21,7 @@ import numpy as np
 from scipy.sparse import coo_array
 from scipy.sparse.csgraph import connected_components
 
-from .duplicates import near_pairs
+from .duplicates import THUMBNAIL_SIZE, near_pairs, same_pictures
 from .hierarchy import Hierarchy
 
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -34,6 +36,8 @@ class Image:
     sha256: str
     phash: str | None = None  # 16 hex digits; None groups by content alone
     attributes: Mapping[str, str] = field(default_factory=dict, hash=False)  # carried along, never split on
+    # (size, size, 3) uint8, duplicates.thumbnail; None: a near hash alone makes a near copy
+    thumbnail: np.ndarray | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass
@@ -127,27 +131,40 @@ def make_split(images: list[Image], val: float, test: float, seed: int = 0, min_
 
 
 def _groups(images: list[Image]) -> list[list[Image]]:
-    """The images that must stay together: connected by identical bytes or near perceptual hashes.
+    """The images that must stay together: connected by identical bytes or as near copies.
 
-    A graph of images, contents and distinct hashes: each image links to its content and its hash,
-    and hashes within the distance link to each other; its connected components are the groups.
+    A graph of images and contents: each image links to its content, and near copies
+    (``_near_copies``) link to each other; its connected components are the groups.
     """
     if not images:
         return []
     contents = {h: i for i, h in enumerate(sorted({im.sha256 for im in images}))}
-    hashes = sorted({im.phash for im in images if im.phash})
-    hash_node = {h: len(images) + len(contents) + i for i, h in enumerate(hashes)}
     edges = [(i, len(images) + contents[im.sha256]) for i, im in enumerate(images)]
-    edges += [(i, hash_node[im.phash]) for i, im in enumerate(images) if im.phash]
-    edges += [(hash_node[hashes[a]], hash_node[hashes[b]]) for a, b in near_pairs(hashes)]
+    edges += _near_copies(images)
     rows, cols = np.array(edges).T
-    size = len(images) + len(contents) + len(hashes)
+    size = len(images) + len(contents)
     graph = coo_array((np.ones(len(edges)), (rows, cols)), shape=(size, size))
     _, component = connected_components(graph, directed=False)
     groups: dict[int, list[Image]] = defaultdict(list)
     for im, c in zip(images, component):
         groups[c].append(im)
     return list(groups.values())
+
+
+def _near_copies(images: list[Image]) -> list[tuple[int, int]]:
+    """Pairs of images of other bytes whose hashes are near and whose thumbnails agree (where both have one)."""
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        if im.phash:
+            by_hash[im.phash].append(i)
+    hashes = sorted(by_hash)
+    pairs = [pair for members in by_hash.values() for pair in itertools.combinations(members, 2)]
+    pairs += [pair for a, b in near_pairs(hashes) for pair in itertools.product(by_hash[hashes[a]], by_hash[hashes[b]])]
+    pairs = [(i, j) for i, j in pairs if images[i].sha256 != images[j].sha256]  # same bytes: linked already
+    blank = np.zeros((THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), np.uint8)
+    known = [im.thumbnail is not None for im in images]
+    same = same_pictures(np.stack([blank if im.thumbnail is None else im.thumbnail for im in images]), pairs)
+    return [(i, j) for (i, j), agree in zip(pairs, same) if agree or not (known[i] and known[j])]
 
 
 def _with_leaves(members: list[Image]) -> list[str]:

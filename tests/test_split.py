@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import make_tree, write_image
 from PIL import Image as PILImage
+from PIL import ImageDraw
 
 from lcpn import fsio
-from lcpn.duplicates import NEAR_DUPLICATE_BITS
+from lcpn.duplicates import NEAR_DUPLICATE_BITS, THUMBNAIL_MAX_DIFFERENCE, THUMBNAIL_SIZE, perceptual_hash
 from lcpn.errors import LcpnError
 from lcpn.fsio import DiskFullError, read_csv
 from lcpn.hierarchy import Hierarchy
@@ -160,6 +161,23 @@ def test_near_duplicates_land_on_one_side_even_in_a_chain():
         assert result.duplicate_groups == []
 
 
+def _bits(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def test_near_hashes_are_one_picture_only_where_the_thumbnails_agree():
+    rng = np.random.default_rng(2)
+    hashes = [f"{int(h):016x}" for h in rng.integers(0, 2**63, 30, dtype=np.uint64)]
+    thumbs = rng.integers(0, 256, (30, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), dtype=np.uint8)
+    images = [Image(f"/{i % 2}/{i}.jpg", str(i % 2), f"s{i}", h, {}, t) for i, (h, t) in enumerate(zip(hashes, thumbs))]
+    near = np.clip(thumbs[0].astype(int) + 1, 0, 255).astype(np.uint8)  # one picture, re-encoded
+    images[2] = Image("/0/2.jpg", "0", "s2", _flip(hashes[0], 2), {}, near)
+    images[4] = Image("/0/4.jpg", "0", "s4", hashes[0], {}, 255 - thumbs[0])  # the same hash, another picture
+    images[6] = Image("/0/6.jpg", "0", "s6", _flip(hashes[10], 3))  # no thumbnail: the hash alone decides
+    result = make_split(images, val=0.2, test=0.2)
+    assert sorted(map(sorted, result.near_duplicate_groups)) == [["/0/0.jpg", "/0/2.jpg"], ["/0/10.jpg", "/0/6.jpg"]]
+
+
 def test_grouping_ten_thousand_hashes():
     rng = np.random.default_rng(1)
     hashes = [f"{int(h):016x}" for h in rng.integers(0, 2**63, 10_000, dtype=np.uint64)]
@@ -250,19 +268,33 @@ def test_prepare_replaces_only_a_split_folder(tree3, tmp_path):
     assert (tree3 / "a" / "y").is_dir()
 
 
+def _product(colour: tuple[int, int, int]) -> PILImage.Image:
+    """A catalogue-like photo: one shape on a white ground (192x256)."""
+    picture = PILImage.new("RGB", (192, 256), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.ellipse((32, 42, 160, 204), fill=colour)
+    draw.rectangle((76, 204, 116, 247), fill=(60, 40, 20))
+    return picture
+
+
 def test_near_identical_pictures_stay_together_and_every_image_has_a_perceptual_hash(tmp_path):
     root = make_tree(tmp_path / "data", {"a": 10, "b": 10})
-    original = PILImage.open(root / "a" / "img_0.png").resize((64, 64), PILImage.Resampling.NEAREST)
+    original = _product((200, 30, 30))
     original.save(root / "a" / "big.png")
-    original.resize((32, 32)).save(root / "a" / "small.jpg", quality=60)
+    original.resize((96, 128)).save(root / "a" / "small.jpg", quality=75)
+    _product((30, 60, 200)).save(root / "a" / "blue.png")  # a colour variant: its grey layout, its hash too
+    assert (
+        _bits(perceptual_hash(original), perceptual_hash(PILImage.open(root / "a" / "blue.png"))) <= NEAR_DUPLICATE_BITS
+    )
     for seed in range(4):
         result = prepare(*scan_tree(root), tmp_path / "out", str(root), val=0.3, test=0.3, seed=seed)
-        group = [str(root / "a" / n) for n in ("big.png", "img_0.png", "small.jpg")]
+        group = [str(root / "a" / n) for n in ("big.png", "small.jpg")]
         assert result.split.near_duplicate_groups == [group]
         assert len({result.split.assignment[p] for p in group}) == 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["near_duplicate_groups"] == [group]
     assert summary["near_duplicate_max_bits"] == NEAR_DUPLICATE_BITS
+    assert summary["near_duplicate_max_thumbnail_difference"] == THUMBNAIL_MAX_DIFFERENCE
     for name in ("images.csv", "test.csv"):
         rows = read_csv(tmp_path / "out" / name)
         assert rows and all(re.fullmatch("[0-9a-f]{16}", r["phash"]) for r in rows)
