@@ -4,7 +4,8 @@ A model folder records the split it was trained from (``split`` in its ``hierarc
 split's ``images.csv`` lists every image with its side (train / val / test), its SHA-256 and, when
 ``prepare`` recorded it, a 64-bit perceptual hash (``phash``, 16 hex digits). Train and val images
 both shaped the models (val chose the epochs and the heads' settings), so both count; test images
-do not.
+do not. The split keeps no colour thumbnails, so a near hash counts here without the thumbnail
+check that ``split`` adds: on catalogue photos the near count is an upper bound.
 """
 
 from __future__ import annotations
