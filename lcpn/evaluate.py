@@ -30,7 +30,7 @@ from .cascade import DEFAULT_DECODE, Cascade, Prediction
 from .hierarchy import ROOT, ancestors, names_of
 from .metrics import NONE, attribute_scores, leaf_scores, prefix, summarize
 from .models import Batch
-from .overlap import PHASH, Fingerprint, TrainingImages
+from .overlap import PHASH, THUMBNAIL, Fingerprint, TrainingImages
 from .report import Outcome, confusion_plot, format_table
 from .sources import Excluded, LabelledImage
 
@@ -85,7 +85,8 @@ def evaluate(
             local_hits[node].append((tree.children[node].index(true_child), int(probs[(row, node)].argmax())))
         if training is not None:
             phashes = batch.prepared.get(PHASH) or [None] * len(indices)
-            fingerprints.extend(training.fingerprint(items[i].path, h) for i, h in zip(indices, phashes))
+            thumbs = batch.prepared.get(THUMBNAIL) or [None] * len(indices)
+            fingerprints.extend(training.fingerprint(items[i].path, h, t) for i, h, t in zip(indices, phashes, thumbs))
         if on_batch is not None:
             on_batch(batch, probs, indices)
         extra_seconds += time.perf_counter() - t0

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 _counter = itertools.count()
 SCRIPTS = Path(__file__).parents[1] / "scripts"
@@ -23,6 +23,20 @@ def import_script(name: str) -> ModuleType:
         return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def hash_bits(a: str, b: str) -> int:
+    """How many bits two perceptual hashes (hex) differ in."""
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def product_photo(colour: tuple[int, int, int]) -> Image.Image:
+    """A catalogue-like photo: one shape on a white ground (192x256); other colours keep its perceptual hash near."""
+    picture = Image.new("RGB", (192, 256), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.ellipse((32, 42, 160, 204), fill=colour)
+    draw.rectangle((76, 204, 116, 247), fill=(60, 40, 20))
+    return picture
 
 
 def write_image(path: Path, colour: tuple[int, int, int] | None = None, size: int = 8) -> Path:

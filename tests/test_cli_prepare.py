@@ -3,8 +3,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_tree, write_image
-from PIL import Image
+from conftest import make_tree, product_photo, write_image
 
 from lcpn import fsio
 from lcpn.cli import main
@@ -167,8 +166,9 @@ def test_an_out_folder_with_other_files_is_refused(tmp_path):
 
 def test_near_identical_pictures_are_listed(tmp_path):
     root = make_tree(tmp_path / "data", {"a": 6, "b": 6})
-    Image.open(root / "a" / "img_0.png").resize((16, 16)).save(root / "a" / "bigger.jpg", quality=95)
+    product_photo((200, 30, 30)).save(root / "a" / "shoe.png")
+    product_photo((200, 30, 30)).resize((96, 128)).save(root / "a" / "shoe_small.jpg", quality=95)
     result = run("prepare", root, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "Groups of near-identical pictures" in result.output
-    assert "bigger.jpg ~ img_0.png" in result.output
+    assert "shoe.png ~ shoe_small.jpg" in result.output

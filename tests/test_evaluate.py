@@ -5,12 +5,13 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_tree, write_image
+from conftest import hash_bits, make_tree, product_photo, write_image
 from folders import model_folder
+from PIL import Image as PILImage
 
 from lcpn.cascade import Cascade
 from lcpn.cli import main
-from lcpn.duplicates import NEAR_DUPLICATE_BITS
+from lcpn.duplicates import NEAR_DUPLICATE_BITS, perceptual_hash, thumbnail
 from lcpn.evaluate import evaluate, split_test_items
 from lcpn.fsio import read_csv, write_csv
 from lcpn.metrics import leaf_scores
@@ -97,6 +98,25 @@ def test_near_duplicates_count_by_perceptual_hash(tmp_path):
     fingerprints = [Fingerprint("aa", "1234567890abcdef"), Fingerprint("x1", near), Fingerprint("x2", far),
                     Fingerprint("x3", "0f0f0f0f0f0f0f0f")]  # fmt: skip
     assert training.count(fingerprints) == {"exact": 1, "near": 1, "split": str(tmp_path), "near_checked": True}
+
+
+def test_a_near_hash_counts_only_where_the_thumbnails_agree(tmp_path):
+    seen = tmp_path / "train.png"
+    product_photo((200, 30, 30)).save(seen)
+    product_photo((200, 30, 30)).resize((96, 128)).save(tmp_path / "copy.jpg", quality=75)
+    product_photo((30, 60, 200)).save(tmp_path / "variant.png")  # near hash, other colours: another product
+    write_csv(tmp_path / "images.csv", ["path", "sha256", "leaf", "split", "phash"],
+              [[str(seen), "aa", "a", "train", perceptual_hash(PILImage.open(seen))]])  # fmt: skip
+    (tmp_path / "hierarchy.json").write_text(json.dumps({"split": str(tmp_path)}))
+    training = TrainingImages.of_models(tmp_path)
+    pictures = {name: PILImage.open(tmp_path / name).convert("RGB") for name in ("copy.jpg", "variant.png")}
+    fingerprints = [
+        training.fingerprint(str(tmp_path / n), perceptual_hash(p), thumbnail(p)) for n, p in pictures.items()
+    ]
+    assert all(hash_bits(f.phash, training.phash[0]) <= NEAR_DUPLICATE_BITS for f in fingerprints)
+    assert training.count(fingerprints)["near"] == 1
+    seen.unlink()  # the training file gone: its hash alone decides
+    assert TrainingImages.of_models(tmp_path).count(fingerprints)["near"] == 2
 
 
 def test_models_without_their_split_are_not_checked(tmp_path):

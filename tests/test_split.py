@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tree, write_image
+from conftest import hash_bits, make_tree, product_photo, write_image
 from PIL import Image as PILImage
-from PIL import ImageDraw
 
 from lcpn import fsio
 from lcpn.duplicates import NEAR_DUPLICATE_BITS, THUMBNAIL_MAX_DIFFERENCE, THUMBNAIL_SIZE, perceptual_hash
@@ -161,10 +160,6 @@ def test_near_duplicates_land_on_one_side_even_in_a_chain():
         assert result.duplicate_groups == []
 
 
-def _bits(a: str, b: str) -> int:
-    return (int(a, 16) ^ int(b, 16)).bit_count()
-
-
 def test_near_hashes_are_one_picture_only_where_the_thumbnails_agree():
     rng = np.random.default_rng(2)
     hashes = [f"{int(h):016x}" for h in rng.integers(0, 2**63, 30, dtype=np.uint64)]
@@ -268,23 +263,15 @@ def test_prepare_replaces_only_a_split_folder(tree3, tmp_path):
     assert (tree3 / "a" / "y").is_dir()
 
 
-def _product(colour: tuple[int, int, int]) -> PILImage.Image:
-    """A catalogue-like photo: one shape on a white ground (192x256)."""
-    picture = PILImage.new("RGB", (192, 256), "white")
-    draw = ImageDraw.Draw(picture)
-    draw.ellipse((32, 42, 160, 204), fill=colour)
-    draw.rectangle((76, 204, 116, 247), fill=(60, 40, 20))
-    return picture
-
-
 def test_near_identical_pictures_stay_together_and_every_image_has_a_perceptual_hash(tmp_path):
     root = make_tree(tmp_path / "data", {"a": 10, "b": 10})
-    original = _product((200, 30, 30))
+    original = product_photo((200, 30, 30))
     original.save(root / "a" / "big.png")
     original.resize((96, 128)).save(root / "a" / "small.jpg", quality=75)
-    _product((30, 60, 200)).save(root / "a" / "blue.png")  # a colour variant: its grey layout, its hash too
+    product_photo((30, 60, 200)).save(root / "a" / "blue.png")  # a colour variant: its grey layout, its hash too
     assert (
-        _bits(perceptual_hash(original), perceptual_hash(PILImage.open(root / "a" / "blue.png"))) <= NEAR_DUPLICATE_BITS
+        hash_bits(perceptual_hash(original), perceptual_hash(PILImage.open(root / "a" / "blue.png")))
+        <= NEAR_DUPLICATE_BITS
     )
     for seed in range(4):
         result = prepare(*scan_tree(root), tmp_path / "out", str(root), val=0.3, test=0.3, seed=seed)
