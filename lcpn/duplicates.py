@@ -49,7 +49,8 @@ def perceptual_hash(picture: Image.Image) -> str:
 
 def thumbnail(picture: Image.Image) -> np.ndarray:
     """The picture as ``THUMBNAIL_SIZE`` x ``THUMBNAIL_SIZE`` RGB pixels (box-filtered, uint8)."""
-    small = picture.convert("RGB").resize((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BOX)
+    rgb = picture if picture.mode == "RGB" else picture.convert("RGB")  # convert() would copy an RGB picture
+    small = rgb.resize((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.uint8)
 
 

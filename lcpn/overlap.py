@@ -45,7 +45,7 @@ class TrainingImages:
     sha256: set[str]
     phash: list[str] | None  # None when the split recorded no perceptual hashes
     paths: list[str] = field(default_factory=list)  # beside phash: where each thumbnail can be made
-    _thumbnails: dict[int, np.ndarray | None] = field(default_factory=dict, repr=False)
+    _thumbnails: dict[int, np.ndarray | None] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def of_models(cls, models: Path) -> TrainingImages:

@@ -5,8 +5,7 @@ one split below the node, relabelled with the node's child on the path. So an im
 any node is never in the end-to-end test set. Byte-identical files and near-identical pictures
 (perceptual hashes within ``duplicates.NEAR_DUPLICATE_BITS`` and colour thumbnails that agree,
 ``duplicates.same_pictures``; taken transitively: a chain of near copies is one group) form one
-group that lands on one side. Leaves too small to split stay in
-train and are reported.
+group that lands on one side. Leaves too small to split stay in train and are reported.
 """
 
 from __future__ import annotations
