@@ -167,7 +167,7 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
         raise SystemExit(f"recipe '{name}': crop_scale and crop_ratio shape training views 3 and up: add views=3")
     parts, crops = [], crop_settings(extras)
     for backbone in config.backbone.split("+"):
-        ident = (backbone, config.square, config.views, config.colour_features, config.precision, crops)
+        ident = pass_key(config, backbone, crops)
         if ident not in store:
             with mock.patch.multiple(transforms, TRAIN_CROP_SCALE=crops[0], TRAIN_CROP_RATIO=crops[1]):
                 store[ident] = embeddings(args.split, args.cache, backbone, config, evaluated)
@@ -204,6 +204,15 @@ def run_recipe(name: str, options: dict, extras: dict, args, tree: Hierarchy, se
     if args.attributes:
         row["attributes"] = score_attributes(args.split, feats, config, dim, sets)
     return row
+
+
+def pass_key(config: TrainConfig, backbone: str, crops: tuple) -> tuple:
+    """What one recipe's embedding pass computes with: recipes of the same key share its embeddings.
+
+    Everything that changes the pixels or the network is in it; stage features are not (the pass embeds
+    with two and each recipe slices its own), nor is anything of the heads."""
+    return (backbone, config.weights, config.image_size, config.square, config.views, config.colour_features,
+            config.precision, crops)  # fmt: skip
 
 
 def crop_settings(extras: dict) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -9,6 +9,7 @@ import torchvision.transforms as T
 from conftest import import_script
 
 from lcpn import transforms
+from lcpn.config import TrainConfig
 from lcpn.transforms import DataConfig, train_transform
 
 
@@ -36,3 +37,14 @@ def test_a_recipes_crop_options_shape_the_training_crops_of_its_embedding_pass(s
 def test_crop_options_are_refused_where_no_view_is_a_crop(sweep, views):
     with pytest.raises(SystemExit, match="add views=3"):
         sweep.run_recipe("wide", {"views": views}, {"crop_scale": 0.5}, None, None, {}, {})
+
+
+def test_recipes_share_an_embedding_pass_only_where_its_pixels_and_network_are_the_same(sweep):
+    def key(**options):
+        config = TrainConfig(**{"mode": "features", **options}).resolved()
+        return sweep.pass_key(config, config.backbone, sweep.crop_settings({}))
+
+    assert key() == key(head="linear", stage_features=0, test_flips=False)  # heads and slices: one pass
+    for other in ({"image_size": 300}, {"square": "crop"}, {"views": 4}, {"precision": "bf16"},
+                  {"colour_features": True}, {"weights": "other.pth"}):  # fmt: skip
+        assert key(**other) != key(), other
