@@ -199,6 +199,12 @@ LEAF_COLUMNS = ["leaf", "precision", "recall", "f1", "support"]
 VALUE_COLUMNS = ["value", "precision", "recall", "f1", "support"]
 
 
+def worst_leaves(leaves: list[dict]) -> list[dict]:
+    """Leaf scores from the lowest F1 up. At equal F1 the leaf with more true images comes first, so
+    the classes a model missed come before those it only named wrongly (support 0: no true image)."""
+    return sorted(leaves, key=lambda leaf: (leaf["f1"], -leaf["support"], leaf["leaf"]))
+
+
 def leaf_rows(leaves: list[dict]) -> list[list]:
     return [[leaf[c] for c in LEAF_COLUMNS] for leaf in leaves]
 
@@ -239,7 +245,7 @@ def format_metrics(metrics: dict) -> str:
         format_table(node_rows(metrics), ["node", "images", "local acc", "cascade acc", "leaf errors",
                                           "from ancestors"]),
     ]  # fmt: skip
-    leaves = sorted(metrics["leaves"], key=lambda leaf: (leaf["f1"], -leaf["support"], leaf["leaf"]))
+    leaves = worst_leaves(metrics["leaves"])
     if leaves:
         shown = leaves[:WORST_LEAVES]
         lines += ["", f"Leaves with the lowest F1 ({len(shown)} of {len(leaves)}; all of them in leaves.csv)",

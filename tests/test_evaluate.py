@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from lcpn.cascade import Cascade
 from lcpn.cli import main
 from lcpn.duplicates import NEAR_DUPLICATE_BITS, perceptual_hash, thumbnail
-from lcpn.evaluate import evaluate, split_test_items
+from lcpn.evaluate import evaluate, split_test_items, worst_leaves
 from lcpn.fsio import read_csv, write_csv
 from lcpn.metrics import leaf_scores
 from lcpn.overlap import Fingerprint, NoTrainingRecord, TrainingImages
@@ -134,6 +134,15 @@ def test_per_leaf_scores_are_written_and_the_worst_printed(models, split, tmp_pa
     assert sum(int(r["support"]) for r in rows) == metrics["n_images"]
     shown = min(10, len(rows))
     assert f"Leaves with the lowest F1 ({shown} of {len(rows)}; all of them in leaves.csv)" in result.output
+
+
+def test_missed_classes_come_before_classes_only_named_wrongly_at_equal_f1():
+    # Saree: 3 photos, none found; Cufflinks: no photo, named for 2 Jewellery photos; Jewellery: 1 of 3 found.
+    truth = ["Saree"] * 3 + ["Jewellery"] * 3 + ["Topwear"] * 4
+    predicted = ["Topwear"] * 3 + ["Cufflinks"] * 2 + ["Jewellery"] + ["Topwear"] * 4
+    order = [leaf["leaf"] for leaf in worst_leaves(leaf_scores(truth, predicted, ["Cufflinks", "Jewellery", "Saree",
+                                                                                  "Topwear"]))]  # fmt: skip
+    assert order == ["Saree", "Cufflinks", "Jewellery", "Topwear"]
 
 
 @pytest.mark.filterwarnings("error::sklearn.exceptions.UndefinedMetricWarning")
