@@ -66,7 +66,7 @@ from lcpn import artefacts, backbones, fsio
 from lcpn.cascade import DEFAULT_DECODE, Cascade, open_cascade
 from lcpn.config import OPTIONS, TrainConfig
 from lcpn.embedding_store import EmbeddingStore
-from lcpn.evaluate import EvaluationResult, evaluate, split_test_items, worst_leaves
+from lcpn.evaluate import WORST_LEAVES, EvaluationResult, evaluate, split_test_items, worst_leaves
 from lcpn.features import embed_images, fit_head, head_spec, open_backbone
 from lcpn.hierarchy import Hierarchy, names_of
 from lcpn.metrics import hierarchical_prf, level_scores, path_accuracy
@@ -589,7 +589,7 @@ def main() -> None:
             "n_images": len(ood),
             "left_out": ood_eval.metrics.get("left_out"),
             "confusions": confusions(ood_pairs),
-            "worst_leaves": worst_leaves(ood_eval.metrics["leaves"])[:10],
+            "worst_leaves": worst_leaves(ood_eval.metrics["leaves"])[:WORST_LEAVES],
         }
         if ood
         else None,
